@@ -2,6 +2,7 @@
 nothing under seglab/ changes. Judged by `git status --porcelain` on a throw-away copy of the working
 tree, so a brand-new module (an untracked file) counts, and the real checkout is never modified."""
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# nbdev 2 turns nbdev_export into a no-op when IN_TEST is set (conftest sets it for the notebook kernels)
+_ENV = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+
+
 def _run(cmd, cwd, check=True):
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=check, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=check, timeout=300, env=_ENV)
 
 
 def snapshot(src: Path, dst: Path) -> Path:
