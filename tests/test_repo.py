@@ -67,14 +67,15 @@ def test_index_chapter_map_matches_cli():
 
 def test_environment_yml_matches_settings():
     s, env = settings(), env_pip_requirements()
-    for line in s["requirements"].split() + s["dev_requirements"].split():
+    for line in s["requirements"].split() + s["dev_requirements"].split() + s["efficientnet_requirements"].split():
         req = Requirement(line)
         assert req.name.lower() in env, f"{req.name} is in settings.ini but not in environment.yml"
         pin = _pinned(env[req.name.lower()])
         if pin is not None:
             assert req.specifier.contains(pin, prereleases=True), \
                 f"environment.yml pins {req.name}=={pin}, outside settings.ini's {req.specifier}"
-    declared = {Requirement(l).name.lower() for l in s["requirements"].split() + s["dev_requirements"].split()}
+    declared = {Requirement(l).name.lower() for l in
+                s["requirements"].split() + s["dev_requirements"].split() + s["efficientnet_requirements"].split()}
     extra = set(env) - declared
     assert not extra, f"environment.yml installs {sorted(extra)}, which settings.ini does not declare"
 

