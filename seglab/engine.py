@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import math
 import os
 import random
@@ -25,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .config import atomic_path, cache_root, get_device, run_stamp, seed_everything
+from .config import atomic_path, cache_root, get_device, run_stamp, seed_everything, sha256sum
 
 # %% auto #0
 __all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'save_checkpoint', 'load_checkpoint',
-           'sha256sum', 'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA', 'dist_info', 'is_main', 'init_distributed',
+           'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA', 'dist_info', 'is_main', 'init_distributed',
            'loader_factory', 'amp_setup', 'to_device', 'NonFiniteLoss', 'fit', 'fit_or_load']
 
 # %% ../nbs/00_foundations/05_engine.ipynb #e3b1b7c0
@@ -129,13 +128,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
 
-def sha256sum(path: str | Path) -> str:
-    "The sha256 hex digest of a file."
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 # %% ../nbs/00_foundations/05_engine.ipynb #b8aecd6f
 LR_KINDS = ("poly", "cosine", "constant")

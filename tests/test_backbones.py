@@ -23,15 +23,15 @@ def test_shipped_toy_assets_match_manifest():
     for name, entry in manifest.items():
         path = bb.ASSETS / entry["file"]
         assert path.stat().st_size <= 4 * 2**20, f"{path} is over 4 MB"
-        assert bb.sha256_file(path) == entry["sha256"], f"{path} does not match MANIFEST.json"
+        assert bb.sha256sum(path) == entry["sha256"], f"{path} does not match MANIFEST.json"
 
 
 def test_pretrain_toy_is_deterministic(tmp_path):
     "Two runs of the same (shortened) pretraining command give byte-identical checkpoints."
     a = bb.pretrain_toy("vit", seed=0, out=tmp_path / "a" / "toy_vit.pt", steps=2)
     b = bb.pretrain_toy("vit", seed=0, out=tmp_path / "b" / "toy_vit.pt", steps=2)
-    assert bb.sha256_file(a) == bb.sha256_file(b)
+    assert bb.sha256sum(a) == bb.sha256sum(b)
     entry = json.loads((a.parent / "MANIFEST.json").read_text())["vit"]
-    assert entry["steps"] == 2 and entry["sha256"] == bb.sha256_file(a)
+    assert entry["steps"] == 2 and entry["sha256"] == bb.sha256sum(a)
     with pytest.raises(ValueError, match="choose one of"):
         bb.pretrain_toy("resnet")
