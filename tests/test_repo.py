@@ -60,7 +60,7 @@ def test_index_chapter_map_matches_cli():
     from seglab.cli import CHAPTERS
     text = (ROOT / "nbs" / "index.ipynb").read_text()
     rows = re.findall(r"\| (\d) [a-z -]+ \| \[?(\d\d_\w+)\]?(?:\([^)]*\))? \|[^|]*\|[^|]*\| (ready|planned) \|", text)
-    got = {nb.split("_", 1)[1]: status for _, nb, status in rows}
+    got = {nb.split("_", 1)[1]: status for _, nb, status in rows if not nb.startswith("00")}
     want = {c.slug: c.status for c in CHAPTERS if c.slug != "toyworld"}
     assert got == want, "update the chapter map in nbs/index.ipynb (and the README) to the chapters' status"
 
