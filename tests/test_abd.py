@@ -35,6 +35,15 @@ def test_bad_config_names_the_fix():
         abd.make_data(pick(abd.CONFIG, "toy").replace(data="mnist"))
 
 
+def test_toy_split_labels_whole_hearts():
+    cfg = pick(abd.CONFIG, "toy").replace(n_train=3, n_labeled=1, slices=4, n_volumes=1)
+    data = abd.make_data(cfg)
+    assert data["xl"].shape == (4, 1, cfg.size, cfg.size) and data["xu"].shape == (8, 1, cfg.size, cfg.size)
+    assert (data["yl"] == 1).flatten(1).any(1).any() and (data["yl"] == 1).flatten(1).any(1).logical_not().any()
+    with pytest.raises(ValueError, match="n_train - 1"):
+        abd.make_data(cfg.replace(n_labeled=3))
+
+
 def test_real_acdc_sample_split_and_eval():
     root = abd.acdc_sample_root()
     if root is None:

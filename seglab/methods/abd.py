@@ -16,7 +16,7 @@ from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import ACDCSlices, ACDCVolumes, resize_image, resize_mask, sample_data_dir
 from ..engine import fit, lr_schedule
 from ..metrics import volume_scores
-from ..toyworld import CardiacSlices, CardiacVolumes
+from ..toyworld import CardiacVolumes
 
 # %% auto #0
 __all__ = ['STRUCTURES', 'CONFIG', 'ConvBlock', 'UpBlock', 'UNet', 'weak_view', 'cutout_box', 'strong_view', 'dice_loss',
@@ -260,11 +260,16 @@ def acdc_sample_root():
     return root if (root / "train_slices.list").exists() else None
 
 def make_data(cfg) -> dict:
-    """Labelled slices `xl`, `yl`, unlabelled slices `xu` and evaluation `volumes` for `cfg.data`: 'toy' (ToyWorld;
-    the first `n_labeled` of `n_train` slices are labelled) or 'acdc' (the first `n_labeled` patients are labelled)."""
+    """Labelled slices `xl`, `yl`, unlabelled slices `xu` and evaluation `volumes` for `cfg.data`: 'toy' (the slices
+    of `n_train` ToyWorld hearts, the first `n_labeled` hearts labelled) or 'acdc' (the first `n_labeled` patients
+    labelled). In both, labels come per subject, with all its slices, as in the paper's split."""
     if cfg.data == "toy":
-        slices = stack_slices(CardiacSlices(cfg.n_train, cfg.size, cfg.seed, cfg.difficulty), cfg.size)
-        is_lab = torch.arange(cfg.n_train) < cfg.n_labeled
+        if not 0 < cfg.n_labeled < cfg.n_train:
+            raise ValueError(f"n_labeled={cfg.n_labeled} must be between 1 and n_train - 1 = {cfg.n_train - 1}")
+        hearts = CardiacVolumes(cfg.n_train, cfg.slices, cfg.size, cfg.seed, cfg.difficulty)
+        hearts = [hearts[i] for i in range(len(hearts))]
+        slices = dict(image=torch.cat([h["image"] for h in hearts])[:, None], mask=torch.cat([h["mask"] for h in hearts]))
+        is_lab = torch.arange(len(slices["mask"])) < cfg.n_labeled * cfg.slices
         volumes = CardiacVolumes(cfg.n_volumes, cfg.slices, cfg.size, cfg.seed + 1, cfg.difficulty)
     elif cfg.data == "acdc":
         ds = ACDCSlices(cfg.root, "train")
@@ -346,8 +351,8 @@ def chance_dice(data: dict, cfg, seed: int = 0) -> float:
 CONFIG = dict(
     common=dict(n_classes=4, grid=4, top_k=4, p_abd_i=0.5, w_abd_i=2.0, p_cutout=0.5, jitter=0.8, method="abd",
                 abd_r=True, abd_i=True, seed=0, device=None, eval_split="test"),
-    toy=dict(data="toy", root=None, difficulty=0.5, size=32, n_train=200, n_labeled=3, n_volumes=6, slices=8,
-             channels=(8, 16, 32, 64, 128), batch_l=2, batch_u=8, iters=200, lr=0.05, cons_weight=0.3,
+    toy=dict(data="toy", root=None, difficulty=1.0, size=32, n_train=25, n_labeled=1, n_volumes=6, slices=8,
+             channels=(8, 16, 32, 64, 128), batch_l=2, batch_u=4, iters=200, lr=0.02, cons_weight=0.3,
              ramp_iters=100, abd_i_iters=140, log_every=10),
     full=dict(data="acdc", root=None, difficulty=None, size=224, n_train=None, n_labeled=7, n_volumes=None, slices=None,
               channels=(16, 32, 64, 128, 256), batch_l=8, batch_u=8, iters=6000, lr=0.01, cons_weight=0.1,
