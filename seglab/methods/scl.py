@@ -286,7 +286,7 @@ CONFIG = dict(
                 difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0),  # the last three: ToyWorld knobs
     toy=dict(backbone="toy_cnn", pretrained=True, size=64, input_size=128, reduce_dim=32, bins=(16, 8, 4),
              dropout=0.5, optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch=8, steps=300, n_train=150,
-             n_test=100, amp=False, data_root=None),
+             n_test=60, amp=False, data_root=None),
     full=dict(backbone="resnet50", pretrained=True, size=321, input_size=321, reduce_dim=256, bins=(41, 21, 11, 6),
               dropout=0.5, optimizer="sgd", lr=2.5e-3, weight_decay=1e-4, batch=8, steps=5000, n_train=40000,
               n_test=1000, amp=True, data_root=None),
