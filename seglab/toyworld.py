@@ -378,22 +378,31 @@ class FewShotEpisodes(ToyDataset):
     `support_masks` [K,H,W], `query_image`, `query_mask` (1 target, 0 other), `class_id` (into `CLASS_NAMES`)."""
     view = "fewshot"
     def __init__(self, n: int, fold: int = 0, shots: int = 1, train: bool = False, size: int = 64, seed: int = 0,
-                 difficulty: float = 0.5, bg_similarity: float = 0.0, support_lookalike: float = 0.0):
+                 difficulty: float = 0.5, bg_similarity: float = 0.0, support_lookalike: float = 0.0,
+                 query_distractors: int = 0, support_colour: float = 0.0):
         super().__init__(n, seed)
         self.classes = fold_classes(fold, train)
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
-        for name, p in dict(bg_similarity=bg_similarity, support_lookalike=support_lookalike).items():
+        if not 0 <= query_distractors <= 4:
+            raise ValueError(f"query_distractors is a count of extra objects in 0..4, got {query_distractors}")
+        for name, p in dict(bg_similarity=bg_similarity, support_lookalike=support_lookalike,
+                            support_colour=support_colour).items():
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} is a probability in [0, 1], got {p}")
         self.fold, self.shots, self.train, self.size = fold, shots, train, size
         self.difficulty, self.bg_similarity, self.support_lookalike = _check_difficulty(difficulty), bg_similarity, support_lookalike
+        self.query_distractors, self.support_colour = int(query_distractors), support_colour
         self.allowed = fold_classes(fold, True) if train else list(range(NUM_STUFF, NUM_CLASSES))
 
-    def _scene(self, rng, c, stuff=None, lookalike=False):
+    def _scene(self, rng, c, stuff=None, lookalike=False, colour=None, distractors=0):
+        "One scene with class `c` in front (in `colour` if given) and at least `distractors` objects of other classes."
         near = [k for k in lookalikes(c) if k in self.allowed]
         things = [int(rng.choice(near)), c] if lookalike and near else [c]
-        spec = sample_scene(rng, self.size, self.difficulty, things, [k for k in self.allowed if k != c], stuff=stuff)
+        n = max(int(rng.integers(1, 3 + round(2 * self.difficulty))), len(things) + distractors) if distractors else None
+        spec = sample_scene(rng, self.size, self.difficulty, things, [k for k in self.allowed if k != c], n, stuff=stuff)
+        if colour is not None:
+            spec["objects"][-1]["colour"] = colour
         if len(things) == 2:
             spec["objects"][-2]["colour"] = spec["objects"][-1]["colour"]
         img, sem, _ = render_scene(spec, rng)
@@ -401,14 +410,18 @@ class FewShotEpisodes(ToyDataset):
 
     def sample(self, rng, i):
         c = int(rng.choice(self.classes))
-        q_img, q_mask, q_spec = self._scene(rng, c)
+        q_img, q_mask, q_spec = self._scene(rng, c, distractors=self.query_distractors)
         shared = [bool(rng.random() < self.bg_similarity) for _ in range(self.shots)]
         lookalike = [bool(rng.random() < self.support_lookalike) for _ in range(self.shots)]
-        sup = [self._scene(rng, c, q_spec["stuff"] if sh else None, la) for sh, la in zip(shared, lookalike)]
+        same = [bool(rng.random() < self.support_colour) for _ in range(self.shots)] if self.support_colour else [False] * self.shots
+        target_colour = q_spec["objects"][-1]["colour"]
+        sup = [self._scene(rng, c, q_spec["stuff"] if sh else None, la, target_colour if sc else None)
+               for sh, la, sc in zip(shared, lookalike, same)]
         return dict(support_images=torch.stack([s[0] for s in sup]), support_masks=torch.stack([s[1] for s in sup]),
                     query_image=q_img, query_mask=q_mask, class_id=c,
                     meta=_meta(self.view, self.seed, i, fold=self.fold, shots=self.shots, train=self.train,
-                               shared_background=shared, lookalike_in_support=lookalike,
+                               shared_background=shared, lookalike_in_support=lookalike, support_colour=same,
+                               n_query_distractors=sum(o["cls"] != c for o in q_spec["objects"]),
                                class_name=CLASS_NAMES[c], classes_in_scenes=sorted({o["cls"] for s in sup for o in s[2]["objects"]}
                                                                                  | {o["cls"] for o in q_spec["objects"]})))
 

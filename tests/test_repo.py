@@ -98,6 +98,24 @@ def test_runtime_requirements_have_lower_bounds_only():
         assert all(sp.operator == ">=" for sp in req.specifier), f"{line}: runtime requirements use lower bounds only"
 
 
+# Colab's GPU runtime as checked on 2026-08-19 (COURSE_CONVENTIONS.md §16). A lower bound above Colab's version would
+# make `pip install seglab` replace a package Colab ships (e.g. ipywidgets 8 over Colab's 7): keep them at or below.
+COLAB_2026_08_19 = dict(torch="2.11.0", torchvision="0.26.0", timm="1.0.28", numpy="2.1.3", scipy="1.16.3",
+                        matplotlib="3.10.0", ipywidgets="7.7.1", h5py="3.16.0")
+COLAB_PYTHON = "3.13"
+
+
+def test_runtime_requirements_do_not_upgrade_colab():
+    from packaging.version import Version
+    for line in settings()["requirements"].split():
+        req = Requirement(line)
+        if (colab := COLAB_2026_08_19.get(req.name.lower())) is not None:
+            lower = next(sp.version for sp in req.specifier if sp.operator == ">=")
+            assert Version(lower) <= Version(colab), f"{line}: Colab ships {req.name} {colab}; lower the bound"
+    assert Version(settings()["min_python"]) <= Version(COLAB_PYTHON)
+    names = {Requirement(l).name.lower() for l in settings()["requirements"].split()}
+    assert "pysodmetrics" not in names, "pysodmetrics pins opencv<5 and breaks Colab: test against it, never require it"
+
 if __name__ == "__main__":
     (ROOT / "README.md").write_text(render_readme())
     print("wrote README.md", file=sys.stderr)
