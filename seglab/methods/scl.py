@@ -283,7 +283,8 @@ def feature_batches(encoder: FrozenEncoder, episodes, batch: int = 25, half: boo
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6077db25
 CONFIG = dict(
     common=dict(fold=0, seed=0, aux_weight=1.0, eps=5e-4, self_guided=True, shots=5,
-                difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0),  # the last three: ToyWorld knobs
+                difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0,  # ToyWorld knobs (defaults:
+                query_distractors=0, support_colour=0.0),       # the original episodes)
     toy=dict(backbone="toy_cnn", pretrained=True, size=64, input_size=128, reduce_dim=32, bins=(16, 8, 4),
              dropout=0.5, optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch=8, steps=300, n_train=150,
              n_test=60, amp=False, data_root=None),
@@ -306,7 +307,8 @@ def make_episodes(cfg, train: bool, n: int, shots: int = 1, seed: int | None = N
     if cfg.profile == "toy":
         ds = FewShotEpisodes(n, fold=cfg.fold, shots=shots, train=train, size=cfg.size, seed=seed,
                              difficulty=cfg.difficulty, bg_similarity=cfg.bg_similarity,
-                             support_lookalike=cfg.support_lookalike)
+                             support_lookalike=cfg.support_lookalike, query_distractors=cfg.query_distractors,
+                             support_colour=cfg.support_colour)
         return [ds[i] for i in range(n)]
     from seglab.data.datasets import FewShotSegEpisodes, VOCSegmentation
     voc = VOCSegmentation(cfg.data_root, split="train_aug" if train else "val")
