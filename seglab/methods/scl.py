@@ -11,19 +11,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import cnn_features, cnn_stages, masked_average_pooling, masked_support_prior, resnet, toy_cnn
+from ..backbones import (clip_features, cnn_features, cnn_stages, masked_average_pooling, masked_support_prior,
+                              resnet, toy_clip, toy_cnn)
 from ..config import get_device, pick, seed_everything
 from ..engine import History, derive_seed, fit, loader_factory, lr_schedule, to_device
 from ..metrics import FewShotIoU
 from ..toyworld import FOLDS, FewShotEpisodes, collate
 
 # %% auto #0
-__all__ = ['CONFIG', 'FrozenEncoder', 'feature_mask', 'build_encoder', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask',
-           'self_guided', 'episode_features', 'SCLNet', 'build_model', 'seg_ce', 'scl_loss', 'train_step', 'fb_iou',
-           'predict_kshot', 'predict', 'image_bank', 'bank_episodes', 'feature_batches', 'fold_class_ids',
-           'make_episodes', 'train', 'evaluate', 'chance', 'tour']
+__all__ = ['CONFIG', 'resize_input', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask', 'build_encoder', 'conv', 'cls_head',
+           'FEMDecoder', 'split_support_mask', 'self_guided', 'episode_features', 'SCLNet', 'build_model', 'seg_ce',
+           'scl_loss', 'train_step', 'fb_iou', 'predict_kshot', 'predict', 'image_bank', 'bank_episodes',
+           'feature_batches', 'fold_class_ids', 'make_episodes', 'train', 'evaluate', 'chance', 'tour']
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #394a5470
+def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    "Images [B,3,H,W] resized (bilinear, align_corners as PFENet) to `size` x `size`; unchanged if None or already so."
+    if size is None or images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
+
 class FrozenEncoder(nn.Module):
     """A frozen CNN read as PFENet/SCL do: `mid` = concat(layer2, layer3) for matching and `high` = layer4 for the
     prior; with a support `mask`, also `high_s` = layer4 run on layer3 x mask. Images are resized to `input_size`."""
@@ -39,14 +46,34 @@ class FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         "`mid` [B,C2+C3,h,w] and `high` [B,C4,h,w] of [0,1] images; with a support `mask` [B,H,W], `high_s` too."
-        if self.input_size is not None and images.shape[-1] != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=True)
-        f = cnn_features(self.cnn, images, layers=("layer2", "layer3", "layer4"))
+        f = cnn_features(self.cnn, resize_input(images, self.input_size), layers=("layer2", "layer3", "layer4"))
         l2 = f["layer2"] if f["layer2"].shape[-2:] == f["layer3"].shape[-2:] else \
             F.interpolate(f["layer2"], size=f["layer3"].shape[-2:], mode="bilinear", align_corners=True)
         out = dict(mid=torch.cat([l2, f["layer3"]], 1), high=f["layer4"])
         if mask is not None:
             out["high_s"] = self.layer4(f["layer3"] * feature_mask(mask, f["layer3"].shape[-2:])[:, None].float())
+        return out
+
+class FrozenViTEncoder(nn.Module):
+    """A frozen open_clip ViT read like `FrozenEncoder`: `mid` = the tokens after `mid_blocks` (concatenated) for
+    matching, `high` = the tokens after `high_block` for the prior; with a support `mask`, `high_s` = `high` (the
+    prior masks the support locations itself)."""
+    def __init__(self, clip: nn.Module, input_size: int | None = None, mid_blocks=(1, 2), high_block: int = 3):
+        super().__init__()
+        self.clip, self.input_size = clip.eval().requires_grad_(False), input_size
+        self.mid_blocks, self.high_block = tuple(mid_blocks), high_block
+
+    def train(self, mode: bool = True):
+        "Always in eval mode: the backbone stays frozen."
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        "`mid` [B,D*len(mid_blocks),h,w] and `high` [B,D,h,w] of [0,1] images; with a support `mask`, `high_s` too."
+        f = clip_features(self.clip, resize_input(images, self.input_size), blocks=self.mid_blocks + (self.high_block,))
+        out = dict(mid=torch.cat([f["blocks"][i] for i in self.mid_blocks], 1), high=f["blocks"][self.high_block])
+        if mask is not None:
+            out["high_s"] = out["high"]
         return out
 
 def feature_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -55,7 +82,9 @@ def feature_mask(mask: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate((mask == 1).float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5
 
 def build_encoder(cfg) -> FrozenEncoder:
-    "The profile's frozen encoder: the ToyWorld-pretrained toy ResNet, or an ImageNet ResNet at output stride 8."
+    "The profile's frozen encoder: a ToyWorld-pretrained toy CLIP or toy ResNet, or an ImageNet ResNet at output stride 8."
+    if cfg.backbone == "toy_clip":
+        return FrozenViTEncoder(toy_clip()[0], cfg.input_size)
     if cfg.backbone == "toy_cnn":
         return FrozenEncoder(toy_cnn(), cfg.input_size)
     return FrozenEncoder(resnet(cfg.backbone, pretrained=cfg.pretrained, output_stride=8), cfg.input_size)
@@ -242,34 +271,35 @@ def predict(model: SCLNet, query_image: torch.Tensor, support_images: torch.Tens
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #c1c518c9
 @torch.no_grad()
-def image_bank(encoder: FrozenEncoder, episodes, batch: int = 64) -> dict:
-    """Every image of 1-shot `episodes` (queries and supports) with its mask and class, run once through the frozen
-    encoder and kept in fp16: `mid`, `high`, `high_s` (layer4 on layer3 x mask), `mask`, `class_id`. Any two images
-    of one class then make a 1-shot training episode, so the encoder runs once per image, not once per episode."""
+def image_bank(encoder: nn.Module, episodes, batch: int = 64) -> dict:
+    """Every image of K-shot `episodes` (each query, then its supports) run once through the frozen encoder and kept
+    in fp16: `mid`, `high`, `high_s` (layer4 on layer3 x mask), with `mask`, `class_id` and `episode` (its index)."""
     eps = list(episodes)
-    images = torch.stack([e["query_image"] for e in eps] + [e["support_images"][0] for e in eps])
-    masks = torch.stack([e["query_mask"] for e in eps] + [e["support_masks"][0] for e in eps])
+    images = torch.stack([x for e in eps for x in (e["query_image"], *e["support_images"])])
+    masks = torch.stack([x for e in eps for x in (e["query_mask"], *e["support_masks"])])
     parts = [encoder(images[i:i + batch], masks[i:i + batch]) for i in range(0, len(images), batch)]
     bank = {k: torch.cat([p[k] for p in parts]).half() for k in ("mid", "high", "high_s")}
-    return dict(bank, mask=masks, class_id=torch.tensor([e["class_id"] for e in eps] * 2))
+    per = len(images) // len(eps)
+    return dict(bank, mask=masks, class_id=torch.tensor([e["class_id"] for e in eps]).repeat_interleave(per),
+                episode=torch.arange(len(eps)).repeat_interleave(per))
 
 def bank_episodes(bank: dict, batch: int, seed: int = 0, n_batches: int = 100):
-    """A factory `epoch -> iterator` of `n_batches` batches of random 1-shot episodes from an `image_bank`: a class,
-    then a query and a support image (two different ones) of that class; features as `episode_features` gives them."""
-    by_class = [(bank["class_id"] == c).nonzero()[:, 0] for c in bank["class_id"].unique().tolist()]
-    if min(len(i) for i in by_class) < 2:
-        raise ValueError("every class of the bank needs at least 2 images; build it from more episodes")
+    """A factory `epoch -> iterator` of `n_batches` batches of random 1-shot training episodes from an `image_bank`:
+    an episode, its query and one of its supports at random; features as `episode_features` gives them."""
+    per = int((bank["episode"] == 0).sum())
+    if per < 2:
+        raise ValueError("the bank's episodes need at least one support; build it from K-shot episodes, K >= 1")
+    n = len(bank["episode"]) // per
     def batches(g: torch.Generator):
         for _ in range(n_batches):
-            idx = [by_class[int(c)] for c in torch.randint(len(by_class), (batch,), generator=g)]
-            pairs = torch.stack([i[torch.randperm(len(i), generator=g)[:2]] for i in idx])
-            q, s = pairs[:, 0], pairs[:, 1]
+            q = torch.randint(n, (batch,), generator=g) * per
+            s = q + 1 + torch.randint(per - 1, (batch,), generator=g)
             yield dict(mid_q=bank["mid"][q], high_q=bank["high"][q], query_mask=bank["mask"][q],
                        mid_s=bank["mid"][s, None], high_s=bank["high_s"][s, None], support_masks=bank["mask"][s, None])
     return lambda epoch: batches(torch.Generator().manual_seed(derive_seed(seed, epoch)))
 
 @torch.no_grad()
-def feature_batches(encoder: FrozenEncoder, episodes, batch: int = 25, half: bool = False):
+def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False):
     """K-shot `episodes` in batches of `episode_features` with `support_masks`, `query_mask` and `class_id`
     (fp16 features with `half`, e.g. to keep a test set in memory and evaluate it many times)."""
     device = next(encoder.parameters()).device
@@ -280,17 +310,18 @@ def feature_batches(encoder: FrozenEncoder, episodes, batch: int = 25, half: boo
         yield dict({k: v.half() if half else v for k, v in f.items()}, support_masks=b["support_masks"],
                    query_mask=b["query_mask"], class_id=torch.as_tensor(b["class_id"]))
 
+
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6077db25
 CONFIG = dict(
     common=dict(fold=0, seed=0, aux_weight=1.0, eps=5e-4, self_guided=True, shots=5,
-                difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0,  # ToyWorld knobs (defaults:
-                query_distractors=0, support_colour=0.0),       # the original episodes)
-    toy=dict(backbone="toy_cnn", pretrained=True, size=64, input_size=128, reduce_dim=32, bins=(16, 8, 4),
+                difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0,  # ToyWorld episode knobs
+                query_distractors=2, support_colour=1.0),       # (the full profile ignores them)
+    toy=dict(backbone="toy_clip", pretrained=True, size=64, input_size=128, reduce_dim=32, bins=(16, 8, 4),
              dropout=0.5, optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch=8, steps=300, n_train=150,
-             n_test=60, amp=False, data_root=None),
+             train_shots=2, n_test=60, amp=False, data_root=None),
     full=dict(backbone="resnet50", pretrained=True, size=321, input_size=321, reduce_dim=256, bins=(41, 21, 11, 6),
               dropout=0.5, optimizer="sgd", lr=2.5e-3, weight_decay=1e-4, batch=8, steps=5000, n_train=40000,
-              n_test=1000, amp=True, data_root=None),
+              train_shots=1, n_test=1000, amp=True, data_root=None),
 )
 
 def fold_class_ids(cfg) -> list[int]:
@@ -322,7 +353,7 @@ def train(cfg, data=None, callbacks=()) -> tuple[SCLNet, History]:
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     model = build_model(cfg)
     if data is None:
-        data = make_episodes(cfg, True, cfg.n_train)
+        data = make_episodes(cfg, True, cfg.n_train, cfg.train_shots)
         data = image_bank(model.encoder, data) if cfg.profile == "toy" else data
     loader = bank_episodes(data, cfg.batch, cfg.seed) if isinstance(data, dict) else \
         loader_factory(data, cfg.batch, seed=cfg.seed, collate_fn=collate)
@@ -367,7 +398,7 @@ def tour(profile: str | None = "toy") -> dict:
     "Train the masked-GAP baseline and SCL in `profile`; SCL's held-out 1-shot mIoU beside chance, baseline and 5-shot."
     cfg = pick(CONFIG, profile)
     t0 = time.time()
-    data, test = make_episodes(cfg, True, cfg.n_train), make_episodes(cfg, False, cfg.n_test, cfg.shots)
+    data, test = make_episodes(cfg, True, cfg.n_train, cfg.train_shots), make_episodes(cfg, False, cfg.n_test, cfg.shots)
     if cfg.profile == "toy":  # the frozen encoder runs once per image
         encoder = build_encoder(cfg)
         data, test = image_bank(encoder, data), list(feature_batches(encoder, test, half=True))
