@@ -11,83 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import (clip_features, cnn_features, cnn_stages, masked_average_pooling, masked_support_prior,
-                              resnet, toy_clip, toy_cnn)
+from ..backbones import masked_average_pooling, masked_support_prior
 from ..config import get_device, pick, seed_everything
-from ..engine import History, derive_seed, fit, loader_factory, lr_schedule, to_device
+from ..engine import History, fit, loader_factory, lr_schedule, to_device
+from ..fewshot import (FrozenEncoder, bank_episodes, build_encoder, episode_features, fb_iou, feature_batches,
+                            feature_mask, image_bank)
 from ..metrics import FewShotIoU
 from ..toyworld import FOLDS, FewShotEpisodes, collate
 
 # %% auto #0
-__all__ = ['CONFIG', 'resize_input', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask', 'build_encoder', 'conv', 'cls_head',
-           'FEMDecoder', 'split_support_mask', 'self_guided', 'episode_features', 'SCLNet', 'build_model', 'seg_ce',
-           'scl_loss', 'train_step', 'fb_iou', 'predict_kshot', 'predict', 'image_bank', 'bank_episodes',
-           'feature_batches', 'fold_class_ids', 'make_episodes', 'train', 'evaluate', 'chance', 'tour']
-
-# %% ../../nbs/40_fewshot/41_scl.ipynb #394a5470
-def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    "Images [B,3,H,W] resized (bilinear, align_corners as PFENet) to `size` x `size`; unchanged if None or already so."
-    if size is None or images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
-
-class FrozenEncoder(nn.Module):
-    """A frozen CNN read as PFENet/SCL do: `mid` = concat(layer2, layer3) for matching and `high` = layer4 for the
-    prior; with a support `mask`, also `high_s` = layer4 run on layer3 x mask. Images are resized to `input_size`."""
-    def __init__(self, cnn: nn.Module, input_size: int | None = None):
-        super().__init__()
-        self.cnn, self.input_size = cnn.eval().requires_grad_(False), input_size
-        self.layer4 = dict(cnn_stages(cnn))["layer4"]
-
-    def train(self, mode: bool = True):
-        "Always in eval mode: the backbone and its BatchNorm statistics stay frozen."
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        "`mid` [B,C2+C3,h,w] and `high` [B,C4,h,w] of [0,1] images; with a support `mask` [B,H,W], `high_s` too."
-        f = cnn_features(self.cnn, resize_input(images, self.input_size), layers=("layer2", "layer3", "layer4"))
-        l2 = f["layer2"] if f["layer2"].shape[-2:] == f["layer3"].shape[-2:] else \
-            F.interpolate(f["layer2"], size=f["layer3"].shape[-2:], mode="bilinear", align_corners=True)
-        out = dict(mid=torch.cat([l2, f["layer3"]], 1), high=f["layer4"])
-        if mask is not None:
-            out["high_s"] = self.layer4(f["layer3"] * feature_mask(mask, f["layer3"].shape[-2:])[:, None].float())
-        return out
-
-class FrozenViTEncoder(nn.Module):
-    """A frozen open_clip ViT read like `FrozenEncoder`: `mid` = the tokens after `mid_blocks` (concatenated) for
-    matching, `high` = the tokens after `high_block` for the prior; with a support `mask`, `high_s` = `high` (the
-    prior masks the support locations itself)."""
-    def __init__(self, clip: nn.Module, input_size: int | None = None, mid_blocks=(1, 2), high_block: int = 3):
-        super().__init__()
-        self.clip, self.input_size = clip.eval().requires_grad_(False), input_size
-        self.mid_blocks, self.high_block = tuple(mid_blocks), high_block
-
-    def train(self, mode: bool = True):
-        "Always in eval mode: the backbone stays frozen."
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        "`mid` [B,D*len(mid_blocks),h,w] and `high` [B,D,h,w] of [0,1] images; with a support `mask`, `high_s` too."
-        f = clip_features(self.clip, resize_input(images, self.input_size), blocks=self.mid_blocks + (self.high_block,))
-        out = dict(mid=torch.cat([f["blocks"][i] for i in self.mid_blocks], 1), high=f["blocks"][self.high_block])
-        if mask is not None:
-            out["high_s"] = out["high"]
-        return out
-
-def feature_mask(mask: torch.Tensor, size) -> torch.Tensor:
-    """A mask [B,H,W] (1 = target, 0 = other, 255 = ignore) on a feature grid: bilinearly resized, binarised at 0.5
-    (the official code drops fractional edge cells; seglab makes that explicit). Returns bool [B,h,w]."""
-    return F.interpolate((mask == 1).float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5
-
-def build_encoder(cfg) -> FrozenEncoder:
-    "The profile's frozen encoder: a ToyWorld-pretrained toy CLIP or toy ResNet, or an ImageNet ResNet at output stride 8."
-    if cfg.backbone == "toy_clip":
-        return FrozenViTEncoder(toy_clip()[0], cfg.input_size)
-    if cfg.backbone == "toy_cnn":
-        return FrozenEncoder(toy_cnn(), cfg.input_size)
-    return FrozenEncoder(resnet(cfg.backbone, pretrained=cfg.pretrained, output_stride=8), cfg.input_size)
+__all__ = ['CONFIG', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet', 'build_model', 'seg_ce',
+           'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids', 'make_episodes', 'train', 'evaluate',
+           'chance', 'tour']
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6755e168
 def conv(cin: int, cout: int, k: int = 1) -> nn.Sequential:
@@ -150,16 +85,6 @@ def self_guided(decoder: FEMDecoder, feat_s: torch.Tensor, mask_s: torch.Tensor,
                 logits_s=logits_s, inner_s=inner_s)
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #e1e3a15c
-@torch.no_grad()
-def episode_features(encoder: FrozenEncoder, query_image: torch.Tensor, support_images: torch.Tensor,
-                     support_masks: torch.Tensor) -> dict:
-    """What the frozen part computes for K-shot episodes [B,3,H,W], [B,K,3,H,W], [B,K,H,W]: `mid_q`, `high_q`
-    [B,C,h,w] and the supports' `mid_s`, masked `high_s` [B,K,C,h,w]."""
-    B, K = support_masks.shape[:2]
-    fq, fs = encoder(query_image), encoder(support_images.flatten(0, 1), support_masks.flatten(0, 1))
-    return dict(mid_q=fq["mid"], high_q=fq["high"], mid_s=fs["mid"].unflatten(0, (B, K)),
-                high_s=fs["high_s"].unflatten(0, (B, K)))
-
 class SCLNet(nn.Module):
     """PFENet-style few-shot segmenter with SCL's self-guided module on a frozen encoder. `self_guided=False` is the
     masked-GAP baseline: the query decoder gets [F_q, v_s, v_s, prior] and the support is not predicted."""
@@ -227,16 +152,6 @@ def train_step(model: SCLNet, batch: dict, aux_weight: float = 1.0) -> dict:
     return scl_loss(out, batch["query_mask"], mask_s, aux_weight)
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #8fbbb046
-def fb_iou(pred: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    "Per image mean(IoU_bg, IoU_fg) of binary predictions [N,H,W] against masks (255 ignored; an absent class scores 1)."
-    valid = mask != ignore_index
-    ious = []
-    for c in (0, 1):
-        p, t = (pred == c) & valid, (mask == c) & valid
-        inter, union = (p & t).sum((1, 2)).float(), (p | t).sum((1, 2)).float()
-        ious.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)))
-    return (ious[0] + ious[1]) / 2
-
 @torch.no_grad()
 def predict_kshot(model: SCLNet, f: dict, support_masks: torch.Tensor, fusion: str = "cgm") -> dict:
     """K-shot prediction with the 1-shot weights from `episode_features` `f` and masks [B,K,H,W]: fused `logits`
@@ -268,48 +183,6 @@ def predict(model: SCLNet, query_image: torch.Tensor, support_images: torch.Tens
     "`predict_kshot` from images: the frozen encoder runs first."
     f = episode_features(model.encoder, query_image, support_images, support_masks)
     return predict_kshot(model, f, support_masks, fusion)
-
-# %% ../../nbs/40_fewshot/41_scl.ipynb #c1c518c9
-@torch.no_grad()
-def image_bank(encoder: nn.Module, episodes, batch: int = 64) -> dict:
-    """Every image of K-shot `episodes` (each query, then its supports) run once through the frozen encoder and kept
-    in fp16: `mid`, `high`, `high_s` (layer4 on layer3 x mask), with `mask`, `class_id` and `episode` (its index)."""
-    eps = list(episodes)
-    images = torch.stack([x for e in eps for x in (e["query_image"], *e["support_images"])])
-    masks = torch.stack([x for e in eps for x in (e["query_mask"], *e["support_masks"])])
-    parts = [encoder(images[i:i + batch], masks[i:i + batch]) for i in range(0, len(images), batch)]
-    bank = {k: torch.cat([p[k] for p in parts]).half() for k in ("mid", "high", "high_s")}
-    per = len(images) // len(eps)
-    return dict(bank, mask=masks, class_id=torch.tensor([e["class_id"] for e in eps]).repeat_interleave(per),
-                episode=torch.arange(len(eps)).repeat_interleave(per))
-
-def bank_episodes(bank: dict, batch: int, seed: int = 0, n_batches: int = 100):
-    """A factory `epoch -> iterator` of `n_batches` batches of random 1-shot training episodes from an `image_bank`:
-    an episode, its query and one of its supports at random; features as `episode_features` gives them."""
-    per = int((bank["episode"] == 0).sum())
-    if per < 2:
-        raise ValueError("the bank's episodes need at least one support; build it from K-shot episodes, K >= 1")
-    n = len(bank["episode"]) // per
-    def batches(g: torch.Generator):
-        for _ in range(n_batches):
-            q = torch.randint(n, (batch,), generator=g) * per
-            s = q + 1 + torch.randint(per - 1, (batch,), generator=g)
-            yield dict(mid_q=bank["mid"][q], high_q=bank["high"][q], query_mask=bank["mask"][q],
-                       mid_s=bank["mid"][s, None], high_s=bank["high_s"][s, None], support_masks=bank["mask"][s, None])
-    return lambda epoch: batches(torch.Generator().manual_seed(derive_seed(seed, epoch)))
-
-@torch.no_grad()
-def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False):
-    """K-shot `episodes` in batches of `episode_features` with `support_masks`, `query_mask` and `class_id`
-    (fp16 features with `half`, e.g. to keep a test set in memory and evaluate it many times)."""
-    device = next(encoder.parameters()).device
-    for i in range(0, len(episodes), batch):
-        b = collate([episodes[j] for j in range(i, min(i + batch, len(episodes)))])
-        f = episode_features(encoder, b["query_image"].to(device), b["support_images"].to(device),
-                             b["support_masks"].to(device))
-        yield dict({k: v.half() if half else v for k, v in f.items()}, support_masks=b["support_masks"],
-                   query_mask=b["query_mask"], class_id=torch.as_tensor(b["class_id"]))
-
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6077db25
 CONFIG = dict(
