@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import (clip_features, cnn_features, cnn_stages, masked_average_pooling, resnet, toy_clip,
-                              toy_cnn)
+from .backbones import (_binary_mask, clip_features, cnn_features, cnn_stages, masked_average_pooling, resnet,
+                              toy_clip, toy_cnn)
 from .engine import derive_seed
 from .metrics import FewShotIoU
 from .toyworld import collate
 
 # %% auto #0
-__all__ = ['SUPPORT_KEYS', 'resize_input', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask', 'build_encoder',
+__all__ = ['SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask', 'build_encoder',
            'episode_features', 'image_bank', 'bank_episodes', 'feature_batches', 'fb_iou', 'swap_supports',
            'swap_check', 'matching_probe']
 
@@ -29,17 +29,23 @@ def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
 
-class FrozenEncoder(nn.Module):
+class FrozenReader(nn.Module):
+    "Base of the frozen encoders: inputs resized to `input_size`; always in eval mode, no gradients."
+    def __init__(self, input_size: int | None = None):
+        super().__init__()
+        self.input_size = input_size
+
+    def train(self, mode: bool = True):
+        "Always in eval mode: the backbone (and any BatchNorm statistics) stays frozen."
+        return super().train(False)
+
+class FrozenEncoder(FrozenReader):
     """A frozen CNN read as PFENet/SCL do: `mid` = concat(layer2, layer3) for matching and `high` = layer4 for the
     prior; with a support `mask`, also `high_s` = layer4 run on layer3 x mask. Images are resized to `input_size`."""
     def __init__(self, cnn: nn.Module, input_size: int | None = None):
-        super().__init__()
-        self.cnn, self.input_size = cnn.eval().requires_grad_(False), input_size
+        super().__init__(input_size)
+        self.cnn = cnn.eval().requires_grad_(False)
         self.layer4 = dict(cnn_stages(cnn))["layer4"]
-
-    def train(self, mode: bool = True):
-        "Always in eval mode: the backbone and its BatchNorm statistics stay frozen."
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -52,18 +58,14 @@ class FrozenEncoder(nn.Module):
             out["high_s"] = self.layer4(f["layer3"] * feature_mask(mask, f["layer3"].shape[-2:])[:, None].float())
         return out
 
-class FrozenViTEncoder(nn.Module):
+class FrozenViTEncoder(FrozenReader):
     """A frozen open_clip ViT read like `FrozenEncoder`: `mid` = the tokens after `mid_blocks` (concatenated) for
     matching, `high` = the tokens after `high_block` for the prior; with a support `mask`, `high_s` = `high` (the
     prior masks the support locations itself)."""
     def __init__(self, clip: nn.Module, input_size: int | None = None, mid_blocks=(1, 2), high_block: int = 3):
-        super().__init__()
-        self.clip, self.input_size = clip.eval().requires_grad_(False), input_size
+        super().__init__(input_size)
+        self.clip = clip.eval().requires_grad_(False)
         self.mid_blocks, self.high_block = tuple(mid_blocks), high_block
-
-    def train(self, mode: bool = True):
-        "Always in eval mode: the backbone stays frozen."
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -77,9 +79,9 @@ class FrozenViTEncoder(nn.Module):
 def feature_mask(mask: torch.Tensor, size) -> torch.Tensor:
     """A mask [B,H,W] (1 = target, 0 = other, 255 = ignore) on a feature grid: bilinearly resized, binarised at 0.5
     (the official code drops fractional edge cells; seglab makes that explicit). Returns bool [B,h,w]."""
-    return F.interpolate((mask == 1).float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5
+    return _binary_mask(mask, size)[:, 0] >= 0.5
 
-def build_encoder(cfg) -> FrozenEncoder:
+def build_encoder(cfg) -> FrozenReader:
     "The profile's frozen encoder: a ToyWorld-pretrained toy CLIP or toy ResNet, or an ImageNet ResNet at output stride 8."
     if cfg.backbone == "toy_clip":
         return FrozenViTEncoder(toy_clip()[0], cfg.input_size)
