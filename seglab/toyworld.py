@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .config import get_device, get_profile, pick, seed_everything
+from .config import get_device, pick, seed_everything
 from .metrics import ConfusionMatrix, confusion_matrix, scores_from_confusion
 
 # %% auto #0

