@@ -523,8 +523,12 @@ def pretrain_toy(name: str, seed: int = 0, out: str | Path | None = None, steps:
     out = Path(out) if out else cache_root() / "backbones" / f"toy_{name}.pt"
     steps = steps or TOY_STEPS[name]
     seed_everything(seed)
-    t0 = time.time()
-    model, info = _TRAIN[name](seed, steps)
+    t0, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums depend on the thread count, so one thread makes the bytes reproducible
+    try:
+        model, info = _TRAIN[name](seed, steps)
+    finally:
+        torch.set_num_threads(threads)
     _save_state(_compact(model.state_dict(), info.pop("token_ids", None)), out)
     manifest = _manifest(out.parent)
     manifest[name] = dict(file=out.name, sha256=sha256sum(out), bytes=out.stat().st_size, seed=seed, steps=steps,
