@@ -458,10 +458,12 @@ def features_at(fmap: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, pts: 
     return F.grid_sample(fmap, uv[:, :, None], align_corners=False).squeeze(-1).transpose(1, 2)
 
 def _mlp_head(dim: int = 128, hidden: int = 512) -> nn.Sequential:
+    "SimCLR's projection head: Linear-GELU-Linear."
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 def _pretrain_vit(seed: int, steps: int, batch: int = 64, px: int = 48, lr: float = 1e-3, tau: float = 0.2,
                   k: int = 8, lam: float = 2.0):
+    "NT-Xent on the CLS tokens of two views + `lam` x NT-Xent on `k` corresponding points per image (see the text)."
     images = torch.cat([object_scenes(2048, seed=seed + 2)["image"], toy_scenes(2048, seed=seed + 1)["image"]])
     model, g = build_toy_vit(seed).train(), torch.Generator().manual_seed(seed)
     head, dense_head = _mlp_head(), _mlp_head()
