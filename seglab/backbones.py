@@ -29,8 +29,9 @@ __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EF
            'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'cnn_stages', 'cnn_features',
            'clip_model', 'interpolate_pos_embed', 'clip_features', 'clip_text_classifier', 'clip_dense_similarity',
            'masked_average_pooling', 'masked_support_prior', 'cached_features', 'build_toy_vit', 'build_toy_clip',
-           'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss', 'object_scenes', 'drop_words', 'colour_jitter',
-           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
+           'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss', 'object_scenes', 'drop_words', 'colour_distort',
+           'random_views', 'nt_xent', 'shared_points', 'features_at', 'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip',
+           'toy_cnn', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -291,7 +292,7 @@ def cached_features(model_name: str, size, image_id: str, compute, root: str | P
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64
-TOY_STEPS = dict(vit=240, clip=500, cnn=300)
+TOY_STEPS = dict(vit=500, clip=500, cnn=300)
 ASSETS = Path(__file__).parent / "assets" if "__file__" in globals() else Path("../../seglab/assets")
 
 def build_toy_vit(seed: int = 0) -> VisionTransformer:
@@ -412,35 +413,71 @@ def _pretrain_cnn(seed: int, steps: int, batch: int = 64, lr: float = 2e-3):
     return model, dict(loss=round(loss.item(), 4))
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #b3d5c5a5
-def colour_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    "Per image: a random RGB channel permutation, contrast x0.6-1.4 and brightness +-0.15, clipped to [0,1]."
+def colour_distort(x: torch.Tensor, g: torch.Generator, gain=(0.7, 1.1), offset: float = 0.05) -> torch.Tensor:
+    "Mild colour change per image: a random RGB channel permutation, then a gain and an offset drawn per channel; clipped to [0,1]."
     B = len(x)
     perm = torch.stack([torch.randperm(3, generator=g) for _ in range(B)])
     x = x.gather(1, perm[:, :, None, None].expand_as(x))
-    x = x * torch.empty(B, 1, 1, 1).uniform_(0.6, 1.4, generator=g) + torch.empty(B, 1, 1, 1).uniform_(-0.15, 0.15, generator=g)
+    x = x * torch.empty(B, 3, 1, 1).uniform_(*gain, generator=g) + torch.empty(B, 3, 1, 1).uniform_(-offset, offset, generator=g)
     return x.clamp(0, 1)
 
-def _pretrain_vit(seed: int, steps: int, batch: int = 32, n_crops: int = 4, crop_px: int = 32, lr: float = 5e-4,
-                  tau: float = 0.2, area=(0.03, 0.15)):
+def random_views(x: torch.Tensor, g: torch.Generator, n: int = 2, px: int = 48, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """`n` views per image: random resized crop (area fraction `scale`) to `px`, horizontal flip, `colour_distort`.
+    Returns the views `[B*n,3,px,px]` (grouped by image), their boxes `[B,n,4]` (x0,y0,x1,y1 pixels), flips `[B,n]`."""
     from torchvision.ops import roi_align
-    images = torch.cat([toy_scenes(4096, seed=seed + 1)["image"], object_scenes(2048, seed=seed + 2)["image"]])
+    B, S = len(x), x.shape[-1]
+    area = torch.empty(B, n).uniform_(*scale, generator=g)
+    r = torch.empty(B, n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    w, h = (area * r).sqrt().clamp(max=1) * S, (area / r).sqrt().clamp(max=1) * S
+    x0, y0 = torch.rand(B, n, generator=g) * (S - w), torch.rand(B, n, generator=g) * (S - h)
+    box = torch.stack([x0, y0, x0 + w, y0 + h], -1)
+    rows = torch.arange(B).repeat_interleave(n).float()[:, None]
+    v = roi_align(x, torch.cat([rows, box.reshape(-1, 4)], 1), (px, px), aligned=True)
+    flip = torch.rand(len(v), generator=g) < 0.5
+    v = torch.where(flip[:, None, None, None], v.flip(-1), v)
+    return colour_distort(v, g), box, flip.view(B, n)
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 0.2, group: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-view NT-Xent at temperature `tau`: row i of `a` and row i of `b` are a positive pair, the
+    other rows of the other side negatives; rows sharing a `group` id are removed from each other's negatives."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau
+    if group is not None:
+        logits = logits.masked_fill((group[:, None] == group[None]) & ~torch.eye(len(a), dtype=torch.bool), -1e4)
+    target = torch.arange(len(a))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+def shared_points(box: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    "`k` uniform points `[B,k,2]` (x,y pixels) in the overlap of each image's two view boxes `box` `[B,2,4]`."
+    lo, hi = torch.maximum(box[:, 0, :2], box[:, 1, :2]), torch.minimum(box[:, 0, 2:], box[:, 1, 2:])
+    return lo[:, None] + torch.rand(len(box), k, 2, generator=g) * (hi - lo).clamp(min=0)[:, None]
+
+def features_at(fmap: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    "Bilinear features `[B,k,D]` of one view's map `[B,D,h,w]` (crop `box` `[B,4]`, `flip` `[B]`) at image points `pts` `[B,k,2]`."
+    uv = (pts - box[:, None, :2]) / (box[:, None, 2:] - box[:, None, :2]) * 2 - 1
+    uv = torch.stack([torch.where(flip[:, None], -uv[..., 0], uv[..., 0]), uv[..., 1]], -1)
+    return F.grid_sample(fmap, uv[:, :, None], align_corners=False).squeeze(-1).transpose(1, 2)
+
+def _mlp_head(dim: int = 128, hidden: int = 512) -> nn.Sequential:
+    "SimCLR's projection head: Linear-GELU-Linear."
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+def _pretrain_vit(seed: int, steps: int, batch: int = 64, px: int = 48, lr: float = 1e-3, tau: float = 0.2,
+                  k: int = 8, lam: float = 2.0):
+    "NT-Xent on the CLS tokens of two views + `lam` x NT-Xent on `k` corresponding points per image (see the text)."
+    images = torch.cat([object_scenes(2048, seed=seed + 2)["image"], toy_scenes(2048, seed=seed + 1)["image"]])
     model, g = build_toy_vit(seed).train(), torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64))
-    opt, S = _adamw(nn.ModuleList([model, head]), lr, wd=0.04), TOY_IMG
-    rows = torch.arange(batch).repeat_interleave(n_crops).float()[:, None]   # crop -> its scene
+    head, dense_head = _mlp_head(), _mlp_head()
+    opt = _adamw(nn.ModuleList([model, head, dense_head]), lr)
+    same_image = torch.arange(batch).repeat_interleave(k)
     for step in range(steps):
         x = images[torch.randint(len(images), (batch,), generator=g)]
-        side = torch.empty(batch, n_crops).uniform_(*area, generator=g).sqrt() * S
-        x0, y0 = torch.rand(batch, n_crops, generator=g) * (S - side), torch.rand(batch, n_crops, generator=g) * (S - side)
-        boxes = torch.cat([rows, torch.stack([x0, y0, x0 + side, y0 + side], -1).reshape(-1, 4)], 1)
-        crops = colour_jitter(roi_align(x, boxes, (crop_px, crop_px), aligned=True), g)
-        _cosine_lr(opt, step, steps, lr)
-        dense = vit_features(model, colour_jitter(x, g))["patch"]
-        z_d = roi_align(dense, torch.cat([rows, boxes[:, 1:] / 8], 1), (1, 1), aligned=True).flatten(1)
-        z_c = vit_features(model, crops)["patch"].mean((2, 3))
-        logits = F.normalize(head(z_c), dim=-1) @ F.normalize(head(z_d), dim=-1).T / tau
-        target = torch.arange(len(logits))
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        _cosine_lr(opt, step, steps, lr, warmup=50)
+        views, box, flip = random_views(x, g, 2, px)
+        f = vit_features(model, views)
+        z = head(f["cls"]).view(batch, 2, -1)
+        fmap, pts = f["patch"].view(batch, 2, *f["patch"].shape[1:]), shared_points(box, k, g)
+        p1, p2 = (dense_head(features_at(fmap[:, i], box[:, i], flip[:, i], pts).flatten(0, 1)) for i in (0, 1))
+        loss = nt_xent(z[:, 0], z[:, 1], tau) + lam * nt_xent(p1, p2, tau, same_image)
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 3.0); opt.step()
     return model, dict(loss=round(loss.item(), 4))
 
@@ -488,8 +525,12 @@ def pretrain_toy(name: str, seed: int = 0, out: str | Path | None = None, steps:
     out = Path(out) if out else cache_root() / "backbones" / f"toy_{name}.pt"
     steps = steps or TOY_STEPS[name]
     seed_everything(seed)
-    t0 = time.time()
-    model, info = _TRAIN[name](seed, steps)
+    t0, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums depend on the thread count, so one thread makes the bytes reproducible
+    try:
+        model, info = _TRAIN[name](seed, steps)
+    finally:
+        torch.set_num_threads(threads)
     _save_state(_compact(model.state_dict(), info.pop("token_ids", None)), out)
     manifest = _manifest(out.parent)
     manifest[name] = dict(file=out.name, sha256=sha256sum(out), bytes=out.stat().st_size, seed=seed, steps=steps,

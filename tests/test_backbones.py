@@ -27,9 +27,16 @@ def test_shipped_toy_assets_match_manifest():
 
 
 def test_pretrain_toy_is_deterministic(tmp_path):
-    "Two runs of the same (shortened) pretraining command give byte-identical checkpoints."
-    a = bb.pretrain_toy("vit", seed=0, out=tmp_path / "a" / "toy_vit.pt", steps=2)
-    b = bb.pretrain_toy("vit", seed=0, out=tmp_path / "b" / "toy_vit.pt", steps=2)
+    "Two runs of the same (shortened) pretraining command give byte-identical checkpoints, whatever the thread count."
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = bb.pretrain_toy("vit", seed=0, out=tmp_path / "a" / "toy_vit.pt", steps=2)
+        torch.set_num_threads(2)
+        b = bb.pretrain_toy("vit", seed=0, out=tmp_path / "b" / "toy_vit.pt", steps=2)
+        assert torch.get_num_threads() == 2, "pretrain_toy must restore the caller's thread count"
+    finally:
+        torch.set_num_threads(threads)
     assert bb.sha256sum(a) == bb.sha256sum(b)
     entry = json.loads((a.parent / "MANIFEST.json").read_text())["vit"]
     assert entry["steps"] == 2 and entry["sha256"] == bb.sha256sum(a)
