@@ -119,3 +119,14 @@ def test_runtime_requirements_do_not_upgrade_colab():
 if __name__ == "__main__":
     (ROOT / "README.md").write_text(render_readme())
     print("wrote README.md", file=sys.stderr)
+
+
+def test_exported_code_has_no_unused_imports_or_names():
+    "pyflakes on the exported package: unused imports, undefined names, placeholder-less f-strings (fix them in the notebook)."
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+    import io
+    out = io.StringIO()
+    files = [p for p in (ROOT / "seglab").rglob("*.py") if p.name != "_modidx.py"]
+    n = sum(checkPath(str(p), Reporter(out, out)) for p in files)
+    assert n == 0, "edit the source notebooks, then nbdev_export:\n" + out.getvalue()
