@@ -5,15 +5,12 @@
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #ea7fecf6
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import dino_vit, toy_vit, vit_features
-from ..config import Cfg, get_device, pick, seed_everything
+from ..config import get_device, pick, seed_everything
 from ..engine import ModelEMA, fit
 from ..metrics import confusion_matrix, hungarian_scores, scores_from_confusion
 from .. import toyworld
@@ -29,7 +26,7 @@ __all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'frozen_backbone', 'photometric_aug'
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #a3434198
 CONFIG = dict(
     common=dict(seed=0, dropout=0.1, base_tau=0.07, ema_m=0.99, alpha=0.05, clip_grad=10.0, lr_head=5e-4,
-                wd_head=0.1, lr_linear=1e-3, ghp_sp=True, lhp=True, consistency=True, pretrained=True),
+                wd_head=0.1, lr_linear=1e-3, ghp_sp=True, lhp=True, consistency=True, pretrained=True, n_init=10),
     toy=dict(backbone="toy_vit", dataset="toyworld", image_size=64, difficulty=0.3, n_train=384, n_val=128,
              n_clusters=5, dim=64, batch=16, steps=100, pool_size=256, renew_interval=20, warmup=40, tau=0.3,
              rho=0.2, lr_head=3e-3, lr_proj=3e-3, lr_cluster=2e-2, feat_batch=128, device="cpu"),
@@ -78,9 +75,10 @@ class ClusterProbe(nn.Module):
         return -self(s).amax(1).mean()
 
     @torch.no_grad()
-    def converge(self, s: torch.Tensor, iters: int = 30, seed: int = 0) -> None:
-        "Minimise the same hard k-means loss to a fixed point on `s` `[N,dim]` (Lloyd steps from the current centroids)."
-        self.centroids.copy_(spherical_kmeans(s, len(self.centroids), iters, seed, init=self.centroids))
+    def converge(self, s: torch.Tensor, iters: int = 30, seed: int = 0, n_init: int = 10) -> None:
+        """Minimise the same hard k-means loss to a fixed point on `s` `[N,dim]`: Lloyd steps from the current
+        centroids and from `n_init - 1` random restarts; the lowest loss wins."""
+        self.centroids.copy_(spherical_kmeans(s, len(self.centroids), iters, seed, init=self.centroids, n_init=n_init))
 
 class HP(nn.Module):
     "The trainable parts: head, projection, linear and cluster probes. `ema` (the EMA head) is not a submodule."
@@ -316,22 +314,31 @@ def evaluate(model: HP, cfg, data: dict | None = None) -> dict:
     li = _scores(lambda f: model.linear_probe(head(f)), val["f"], val["mask"], cfg.n_clusters, False)
     return dict(miou=cl["miou"], acc=cl["acc"], iou=cl["iou"], linear_miou=li["miou"], linear_acc=li["acc"])
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosine k-means (Lloyd) on rows of `x` `[N,D]`, from `init` `[k,D]` or `k` random rows: the `k` normalised
-    centroids. A centroid that wins no row is re-seeded with a random row."""
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, init: torch.Tensor | None = None,
+                     n_init: int = 1) -> torch.Tensor:
+    """Cosine k-means (Lloyd) on rows of `x` `[N,D]`: the `k` normalised centroids. `n_init` runs (the first from
+    `init` `[k,D]` if given, the others from `k` random rows); the run with the highest mean cosine of each row to its
+    centroid (the lowest hard k-means loss) wins. A centroid that wins no row is re-seeded with a random row."""
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(x, dim=1)
-    c = F.normalize(init.detach().to(x), dim=1) if init is not None else x[torch.randperm(len(x), generator=g)[:k]].clone()
-    for _ in range(iters):
-        a = (x @ c.T).argmax(1)
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        alive = torch.bincount(a, minlength=k)[:, None] > 0
-        c = torch.where(alive, F.normalize(sums, dim=1), x[torch.randint(len(x), (k,), generator=g)])
-    return c
+    best, best_fit = None, -2.0
+    for run in range(n_init):
+        c = F.normalize(init.detach().to(x), dim=1) if init is not None and run == 0 else \
+            x[torch.randperm(len(x), generator=g)[:k]].clone()
+        for _ in range(iters):
+            a = (x @ c.T).argmax(1)
+            sums = torch.zeros_like(c).index_add_(0, a, x)
+            alive = torch.bincount(a, minlength=k)[:, None] > 0
+            c = torch.where(alive, F.normalize(sums, dim=1), x[torch.randint(len(x), (k,), generator=g)])
+        fit = (x @ c.T).amax(1).mean().item()
+        if fit > best_fit:
+            best, best_fit = c, fit
+    return best
 
-def kmeans_baseline(data: dict, k: int, seed: int = 0) -> dict:
-    "Hungarian acc/mIoU of cosine k-means fitted on the raw frozen train features and applied to the val split."
-    c = spherical_kmeans(flat(data["train"]["f"]), k, seed=seed)
+def kmeans_baseline(data: dict, k: int, seed: int = 0, n_init: int = 10) -> dict:
+    """Hungarian acc/mIoU of cosine k-means (best of `n_init` restarts) fitted on the raw frozen train features and
+    applied to the val split."""
+    c = spherical_kmeans(flat(data["train"]["f"]), k, seed=seed, n_init=n_init)
     return _scores(lambda f: torch.einsum("bdhw,kd->bkhw", F.normalize(f, dim=1), c), data["val"]["f"],
                    data["val"]["mask"], k, True)
 
@@ -372,7 +379,7 @@ def train(cfg, data: dict | None = None, callbacks=()) -> tuple[HP, object]:
     model.eval()
     with torch.no_grad():
         s = torch.cat([model.head(tr["f"][i:i + cfg.feat_batch].to(device)) for i in range(0, len(tr["f"]), cfg.feat_batch)])
-    model.cluster_probe.converge(flat(s), seed=cfg.seed)
+    model.cluster_probe.converge(flat(s), seed=cfg.seed, n_init=cfg.n_init)
     return model, history
 
 def tour(profile: str | None = "toy") -> dict:
@@ -382,5 +389,5 @@ def tour(profile: str | None = "toy") -> dict:
     model, _ = train(cfg, data)
     r = evaluate(model, cfg, data)
     return dict(metric="unsupervised mIoU (Hungarian)", value=r["miou"], chance=chance_miou(data, cfg.n_clusters),
-                kmeans=kmeans_baseline(data, cfg.n_clusters, cfg.seed)["miou"], acc=r["acc"],
+                kmeans=kmeans_baseline(data, cfg.n_clusters, cfg.seed, cfg.n_init)["miou"], acc=r["acc"],
                 linear_miou=r["linear_miou"], steps=cfg.steps, profile=cfg.profile)
