@@ -12,13 +12,13 @@ from scipy import ndimage
 
 from .backbones import clip_text_classifier, interpolate_pos_embed, normalize, self_attention
 from .metrics import ConfusionMatrix
-from .toyworld import COLOURS, STUFF, THINGS, render_scene, sample_rng, sample_scene
+from .toyworld import COLOURS, STUFF, THINGS
 
 # %% auto #0
-__all__ = ['CLIP_ES_TEMPLATE', 'VOC_FG_NAMES', 'VOC_BG_WORDS', 'COCO_BG_WORDS', 'COLOUR_CLASSES', 'prompt_classifier',
-           'clip_vit_forward', 'class_scores', 'minmax', 'grad_cam', 'sinkhorn_transition', 'box_mask', 'refine_cam',
-           'mean_attention', 'par_kernel', 'par', 'assemble_pseudo_label', 'clip_es_pseudo_labels', 'to_fg_bg',
-           'pseudo_label_miou', 'colour_scenes', 'colour_prompts']
+__all__ = ['CLIP_ES_TEMPLATE', 'VOC_FG_NAMES', 'VOC_BG_WORDS', 'COCO_BG_WORDS', 'prompt_classifier', 'clip_vit_forward',
+           'class_scores', 'minmax', 'grad_cam', 'sinkhorn_transition', 'box_mask', 'refine_cam', 'mean_attention',
+           'par_kernel', 'par', 'assemble_pseudo_label', 'clip_es_pseudo_labels', 'to_fg_bg', 'pseudo_label_miou',
+           'colour_prompts']
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #f5f29ba9
 CLIP_ES_TEMPLATE = "a clean origami {}."
@@ -200,27 +200,8 @@ def pseudo_label_miou(res: dict, labels: torch.Tensor, images: torch.Tensor, gt:
     return {k: ConfusionMatrix(C).update(v, gt).compute()["miou"] for k, v in stages.items()}
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #b3870f8a
-COLOUR_CLASSES = ("background",) + tuple(f"{c} object" for c in COLOURS)
-
-def colour_scenes(n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5) -> dict:
-    """ToyWorld semantic scenes labelled by object colour: `image` (= `make_scenes(n, size, seed, difficulty)`'s),
-    `mask` (0 = background, i.e. all stuff; c+1 = an object of palette colour c) and image-level `labels` [n,6]."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    imgs = np.empty((n, 3, size, size), np.float32)
-    masks = np.zeros((n, size, size), np.int64)
-    for i in range(n):
-        rng = sample_rng(seed, "semantic", i)
-        spec = sample_scene(rng, size, difficulty)
-        imgs[i], _, inst = render_scene(spec, rng)
-        for k, obj in enumerate(spec["objects"]):
-            masks[i][inst == k + 1] = obj["colour"] + 1
-    mask = torch.from_numpy(masks)
-    labels = torch.stack([(mask == c + 1).flatten(1).any(1) for c in range(len(COLOURS))], 1).float()
-    return dict(image=torch.from_numpy(imgs), mask=mask, labels=labels)
-
 def colour_prompts(model, tokenizer) -> torch.Tensor:
-    """Text embeddings `[6+4, E]` for `colour_scenes`: per colour the normalised mean of "a {colour} {thing}" over the
+    """Text embeddings `[6+4, E]` for `toyworld.make_scenes(..., label="colour")`: per colour the normalised mean of "a {colour} {thing}" over the
     thing names (prompt ensembling), then the stuff names as background words ("a picture of {stuff}")."""
     fg = torch.stack([F.normalize(clip_text_classifier(model, tokenizer, THINGS, (f"a {c} {{}}",)).mean(0), dim=-1)
                       for c in COLOURS])

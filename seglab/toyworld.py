@@ -21,16 +21,16 @@ from .metrics import ConfusionMatrix, confusion_matrix, scores_from_confusion
 
 # %% auto #0
 __all__ = ['STUFF', 'THING_ATTRS', 'THINGS', 'CLASS_NAMES', 'NUM_CLASSES', 'NUM_STUFF', 'SHAPES', 'TEXTURES', 'PALETTE',
-           'COLOURS', 'FOLDS', 'CARDIAC_CLASSES', 'BIRD_PARTS', 'BIRD_ATTRS', 'BIRD_CLASSES', 'BIRD_SPLITS',
-           'IMAGE_CORRUPTIONS', 'LABEL_CORRUPTIONS', 'INCREMENTAL_TASKS', 'INC_CLASSES', 'GROUNDING_VERBS',
-           'GROUNDING_VOCAB', 'CLIP_LEN', 'TOUR_CONFIG', 'thing_id', 'lookalikes', 'caption_of', 'sample_rng',
-           'ToyDataset', 'stuff_texture', 'shape_mask', 'thing_texture', 'sample_stuff', 'render_stuff', 'paint_object',
-           'sample_object', 'sample_scene', 'gaussian_noise', 'apply_light', 'render_scene', 'erode', 'boxes_of',
-           'scribble_of', 'SemanticScenes', 'collate', 'make_scenes', 'fold_classes', 'FewShotEpisodes',
-           'SaliencyScenes', 'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices', 'CardiacVolumes',
-           'ToyVideos', 'render_bird', 'ToyBirds', 'BirdEpisodes', 'corrupt_image', 'corrupt_annotation',
-           'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize', 'grounding_embeddings', 'GroundingVideos',
-           'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
+           'COLOURS', 'COLOUR_CLASSES', 'FOLDS', 'CARDIAC_CLASSES', 'BIRD_PARTS', 'BIRD_ATTRS', 'BIRD_CLASSES',
+           'BIRD_SPLITS', 'IMAGE_CORRUPTIONS', 'LABEL_CORRUPTIONS', 'INCREMENTAL_TASKS', 'INC_CLASSES',
+           'GROUNDING_VERBS', 'GROUNDING_VOCAB', 'CLIP_LEN', 'TOUR_CONFIG', 'thing_id', 'lookalikes', 'caption_of',
+           'sample_rng', 'ToyDataset', 'stuff_texture', 'shape_mask', 'thing_texture', 'sample_stuff', 'render_stuff',
+           'paint_object', 'sample_object', 'sample_scene', 'gaussian_noise', 'apply_light', 'render_scene', 'erode',
+           'boxes_of', 'scribble_of', 'SemanticScenes', 'collate', 'colour_mask', 'make_scenes', 'fold_classes',
+           'FewShotEpisodes', 'SaliencyScenes', 'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices',
+           'CardiacVolumes', 'ToyVideos', 'render_bird', 'ToyBirds', 'BirdEpisodes', 'corrupt_image',
+           'corrupt_annotation', 'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize',
+           'grounding_embeddings', 'GroundingVideos', 'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #cfa63933
 STUFF = ["sky", "grass", "water", "brick"]
@@ -351,18 +351,30 @@ def collate(batch: list[dict]) -> dict:
         out[key] = torch.stack(vals) if same else vals
     return out
 
-def make_scenes(n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5) -> dict:
+COLOUR_CLASSES = ("background",) + tuple(f"{c} object" for c in COLOURS)  # the label space of make_scenes(label="colour")
+
+def colour_mask(spec: dict, inst: np.ndarray) -> np.ndarray:
+    "Object-colour class map `[H,W]` of a rendered scene: 0 = stuff, c+1 = an object of palette colour c (`COLOUR_CLASSES`)."
+    return np.asarray([0] + [o["colour"] + 1 for o in spec["objects"]], np.uint8)[inst]
+
+def make_scenes(n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5, label: str = "class") -> dict:
     """`n` semantic scenes as batched tensors (`image` [n,3,H,W], `mask` [n,H,W], `labels` [n,K]) for fast
-    training loops; scene `i` is the same as `SemanticScenes(n, size, seed, difficulty)[i]`'s image and mask."""
+    training loops; scene `i` is the same as `SemanticScenes(n, size, seed, difficulty)[i]`'s image and mask.
+    `label="colour"` labels the same scenes by object colour instead (`COLOUR_CLASSES`, K = 7, 0 = all stuff)."""
     _check_difficulty(difficulty)
+    if label not in ("class", "colour"):
+        raise ValueError(f"label must be 'class' (CLASS_NAMES) or 'colour' (COLOUR_CLASSES), got {label!r}")
     imgs = np.empty((n, 3, size, size), np.float32)
     masks = np.empty((n, size, size), np.uint8)
     for i in range(n):
         rng = sample_rng(seed, "semantic", i)
-        imgs[i], masks[i], _ = render_scene(sample_scene(rng, size, difficulty), rng)
+        spec = sample_scene(rng, size, difficulty)
+        imgs[i], sem, inst = render_scene(spec, rng)
+        masks[i] = sem if label == "class" else colour_mask(spec, inst)
     masks = torch.from_numpy(masks).long()
-    labels = torch.zeros(n, NUM_CLASSES).scatter_(1, masks.flatten(1), 1.0)
+    labels = torch.zeros(n, NUM_CLASSES if label == "class" else len(COLOUR_CLASSES)).scatter_(1, masks.flatten(1), 1.0)
     return dict(image=torch.from_numpy(imgs), mask=masks, labels=labels)
+
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #a64e355c
 FOLDS = {f: [thing_id(THINGS[f]), thing_id(THINGS[f + 4])] for f in range(4)}  # fold -> held-out class ids

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
 from ..backbones import clip_model, toy_clip
-from ..cam import (CLIP_ES_TEMPLATE, COLOUR_CLASSES, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label,
-                        class_scores, clip_vit_forward, colour_prompts, colour_scenes, grad_cam, mean_attention,
+from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label,
+                        class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
                         prompt_classifier, refine_cam, sinkhorn_transition)
 from ..config import get_device, pick, seed_everything
 from ..engine import fit, lr_schedule
 from ..metrics import ConfusionMatrix
+from ..toyworld import COLOUR_CLASSES, make_scenes
 
 # %% auto #0
 __all__ = ['CONFIG', 'TOY_CLASSES', 'CACHED', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder',
@@ -40,9 +41,10 @@ CONFIG = dict(
 )
 
 def toy_data(n: int, seed: int, size: int = 64) -> dict:
-    """ToyWorld scenes in the toy label space (`seglab.cam.colour_scenes`): `image`, image-level `labels` [n,6]
-    and `mask` (background 0, colours 1..6; for evaluation only)."""
-    return colour_scenes(n, size=size, seed=seed)
+    """ToyWorld scenes in the toy label space (`toyworld.make_scenes(..., label="colour")`): `image`, image-level
+    `labels` [n,6] (the colours; background is never a label) and `mask` (background 0, colours 1..6; evaluation only)."""
+    s = make_scenes(n, size=size, seed=seed, label="colour")
+    return dict(image=s["image"], labels=s["labels"][:, 1:], mask=s["mask"])
 
 TOY_CLASSES = COLOUR_CLASSES
 
