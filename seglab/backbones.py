@@ -27,11 +27,11 @@ from .config import atomic_path, cache_root, seed_everything, sha256sum
 __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EFFICIENTNET_LITE0_SHA256', 'EFFICIENTNET_NORM',
            'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained', 'normalize',
            'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'cnn_stages', 'cnn_features',
-           'clip_model', 'interpolate_pos_embed', 'clip_features', 'clip_text_classifier', 'clip_dense_similarity',
-           'masked_average_pooling', 'masked_support_prior', 'cached_features', 'build_toy_vit', 'build_toy_clip',
-           'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss', 'object_scenes', 'drop_words', 'colour_distort',
-           'random_views', 'nt_xent', 'shared_points', 'features_at', 'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip',
-           'toy_cnn', 'patch_labels', 'knn_patch_predict']
+           'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features', 'clip_text_classifier',
+           'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior', 'cached_features',
+           'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
+           'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points', 'features_at',
+           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -204,17 +204,23 @@ def interpolate_pos_embed(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tu
     grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False)
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])
 
+def clip_stem(model: open_clip.CLIP, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The tokens that enter the first block of a CLIP ViT on [0,1] `images`: CLS + patch embeddings, positional
+    embedding interpolated to the grid, `ln_pre` -> `[B,1+hw,D]`; and the grid `(h, w)`."""
+    v = model.visual
+    if getattr(v, "attn_pool", None) is not None or not getattr(v.transformer, "batch_first", True):
+        raise ValueError("seglab reads CLS-pooled, batch-first open_clip ViTs (e.g. ViT-B-16 or the toy CLIP)")
+    hw = _grid(images, v.conv1.kernel_size[0])
+    x = v.conv1(normalize(model, images)).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
+    return v.ln_pre(x + interpolate_pos_embed(v.positional_embedding, v.grid_size, hw).to(x.dtype)), hw
+
 def clip_features(model: open_clip.CLIP, images: torch.Tensor, blocks=(), attn: bool = False) -> dict:
     """Dense CLIP image features on [0,1] `images`: `patch` [B,E,h,w] (patch tokens -> ln_post -> proj),
     `image` [B,E] (CLIP's own image embedding), `blocks` {i: [B,D,h,w]} tokens after block i and, with `attn`,
     `attn` [B,hw,hw] / `cls_attn` [B,h,w] of the last block (head-averaged, CLS removed)."""
     v = model.visual
-    if v.attn_pool is not None or not v.transformer.batch_first:
-        raise ValueError("clip_features supports CLS-pooled, batch-first open_clip ViTs (e.g. ViT-B-16)")
-    hw = _grid(images, v.conv1.kernel_size[0])
-    x = v.conv1(normalize(model, images)).flatten(2).transpose(1, 2)
-    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
-    x = v.ln_pre(x + interpolate_pos_embed(v.positional_embedding, v.grid_size, hw).to(x.dtype))
+    x, hw = clip_stem(model, images)
     out, last = dict(blocks={}), len(v.transformer.resblocks) - 1
     for i, blk in enumerate(v.transformer.resblocks):
         if attn and i == last:

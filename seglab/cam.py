@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .backbones import clip_text_classifier, interpolate_pos_embed, normalize, self_attention
+from .backbones import clip_stem, clip_text_classifier, self_attention
 from .metrics import ConfusionMatrix
 from .toyworld import COLOURS, STUFF, THINGS
 
@@ -50,19 +50,10 @@ def clip_vit_forward(model, images: torch.Tensor, grad: bool = True) -> dict:
     `attn` [L,B,1+hw,1+hw] (head-averaged), `ln1` (the last block's `ln_1` output, differentiable when `grad`),
     `feat` [B,E] (the mean of the patch tokens after ln_post -> proj) and `hw`."""
     v = model.visual
-    if getattr(v, "attn_pool", None) is not None or not getattr(v.transformer, "batch_first", True):
-        raise ValueError("clip_vit_forward needs a CLS-token, batch-first open_clip ViT (e.g. ViT-B-16 or the toy CLIP)")
-    p = v.conv1.kernel_size[0]
-    H, W = images.shape[-2:]
-    if H % p or W % p:
-        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}; resize or crop first")
-    hw = (H // p, W // p)
     blocks = list(v.transformer.resblocks)
     tokens, attns = [], []
     with torch.no_grad():
-        x = v.conv1(normalize(model, images)).flatten(2).transpose(1, 2)
-        x = torch.cat([v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = v.ln_pre(x + interpolate_pos_embed(v.positional_embedding, v.grid_size, hw).to(x.dtype))
+        x, hw = clip_stem(model, images)
         for blk in blocks[:-1]:
             x, a, _ = _block(blk, x)
             tokens.append(x); attns.append(a)
@@ -201,8 +192,9 @@ def pseudo_label_miou(res: dict, labels: torch.Tensor, images: torch.Tensor, gt:
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #b3870f8a
 def colour_prompts(model, tokenizer) -> torch.Tensor:
-    """Text embeddings `[6+4, E]` for `toyworld.make_scenes(..., label="colour")`: per colour the normalised mean of "a {colour} {thing}" over the
-    thing names (prompt ensembling), then the stuff names as background words ("a picture of {stuff}")."""
+    """Text embeddings `[6+4, E]` for `toyworld.make_scenes(..., label="colour")`: per colour the normalised mean
+    of "a {colour} {thing}" over the thing names (prompt ensembling), then the stuff names as background words
+    ("a picture of {stuff}")."""
     fg = torch.stack([F.normalize(clip_text_classifier(model, tokenizer, THINGS, (f"a {c} {{}}",)).mean(0), dim=-1)
                       for c in COLOURS])
     return torch.cat([fg, clip_text_classifier(model, tokenizer, STUFF, ("a picture of {}",))])

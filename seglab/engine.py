@@ -29,7 +29,7 @@ from .config import atomic_path, cache_root, get_device, run_stamp, seed_everyth
 # %% auto #0
 __all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'save_checkpoint', 'load_checkpoint',
            'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA', 'dist_info', 'is_main', 'init_distributed',
-           'loader_factory', 'amp_setup', 'to_device', 'NonFiniteLoss', 'fit', 'fit_or_load']
+           'loader_factory', 'tensor_batches', 'amp_setup', 'to_device', 'NonFiniteLoss', 'fit', 'fit_or_load']
 
 # %% ../nbs/00_foundations/05_engine.ipynb #e3b1b7c0
 class History:
@@ -221,6 +221,26 @@ def loader_factory(dataset, batch_size: int, *, shuffle: bool = True, seed: int 
         return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
     return make
+
+def tensor_batches(data: dict, batch: int, seed: int = 0, keys=None,
+                   augment: Callable | None = None) -> Callable[[int], list[dict]]:
+    """A factory `epoch -> list of batch dicts` over in-memory tensors `data` (its tensor entries, or `keys`): one
+    permutation per epoch from a generator seeded by `(seed, epoch)`, the last partial batch dropped; `augment(batch,
+    generator)` may transform each batch, drawing from the same generator. For cached features and small toy sets,
+    where a DataLoader is overhead (not sharded: use `loader_factory` under `torchrun`)."""
+    keys = [k for k, v in data.items() if torch.is_tensor(v)] if keys is None else list(keys)
+    if not keys:
+        raise ValueError("tensor_batches needs at least one tensor in `data` (or name them in `keys`)")
+    def make(epoch: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(len(data[keys[0]]), generator=g)
+        out = []
+        for i in range(0, len(perm) - batch + 1, batch):
+            b = {k: data[k][perm[i:i + batch]] for k in keys}
+            out.append(augment(b, g) if augment else b)
+        return out
+    return make
+
 
 # %% ../nbs/00_foundations/05_engine.ipynb #91b46754
 AMP_MODES = (None, True, False, "fp16", "bf16")

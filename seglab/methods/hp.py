@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..backbones import dino_vit, toy_vit, vit_features
 from ..config import get_device, pick, seed_everything
-from ..engine import ModelEMA, fit
+from ..engine import ModelEMA, fit, tensor_batches
 from ..metrics import confusion_matrix, hungarian_scores, scores_from_confusion
 from .. import toyworld
 
@@ -21,7 +21,7 @@ __all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'frozen_backbone', 'photometric_aug'
            'task_weight', 'neighbourhood', 'local_weights', 'window_weights', 'window_size', 'local_mix',
            'denominator_mask', 'hp_contrastive', 'consistency_loss', 'train_step', 'backbone_features', 'resize_crop',
            'coarse_toy_labels', 'load_split', 'prepare_data', 'evaluate', 'spherical_kmeans', 'kmeans_baseline',
-           'chance_miou', 'batches', 'train', 'tour']
+           'chance_miou', 'train', 'tour']
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #a3434198
 CONFIG = dict(
@@ -349,14 +349,6 @@ def chance_miou(data: dict, k: int, seed: int = 0) -> float:
     return _scores(lambda f: torch.rand(len(f), k, *m.shape[-2:], generator=g), m, m, k, True)["miou"]
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #572819fe
-def batches(data: dict, batch: int, seed: int = 0):
-    "A factory `epoch -> list of batches` over the cached train features (shuffled per epoch, last partial dropped)."
-    keys = ("f", "aw", "f_aug", "mask")
-    def make(epoch: int) -> list[dict]:
-        perm = torch.randperm(len(data["f"]), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        return [{k: data[k][perm[i:i + batch]] for k in keys} for i in range(0, len(perm) - batch + 1, batch)]
-    return make
-
 def train(cfg, data: dict | None = None, callbacks=()) -> tuple[HP, object]:
     "Train HP on `data` (default: `prepare_data(cfg)`); returns the model and the engine's `History`."
     data = data or prepare_data(cfg)
@@ -374,7 +366,7 @@ def train(cfg, data: dict | None = None, callbacks=()) -> tuple[HP, object]:
         counter["step"] += 1
         return train_step(net, batch, cfg, task_weight(t, cfg.warmup, cfg.steps), g)
 
-    history = fit(model, step_fn, batches(tr, cfg.batch, cfg.seed), make_optimizer(model, cfg), steps=cfg.steps,
+    history = fit(model, step_fn, tensor_batches(tr, cfg.batch, cfg.seed, keys=("f", "aw", "f_aug", "mask")), make_optimizer(model, cfg), steps=cfg.steps,
                   clip_grad=cfg.clip_grad, callbacks=callbacks, seed=cfg.seed, device=device, desc="HP")
     model.eval()
     with torch.no_grad():

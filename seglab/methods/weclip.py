@@ -17,9 +17,9 @@ from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo
                         class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
                         prompt_classifier, refine_cam, sinkhorn_transition)
 from ..config import get_device, pick, seed_everything
-from ..engine import fit, lr_schedule
+from ..engine import fit, loader_factory, lr_schedule, tensor_batches
 from ..metrics import ConfusionMatrix
-from ..toyworld import COLOUR_CLASSES, make_scenes
+from ..toyworld import COLOUR_CLASSES, collate, make_scenes
 
 # %% auto #0
 __all__ = ['CONFIG', 'TOY_CLASSES', 'CACHED', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder',
@@ -222,19 +222,10 @@ def cache_clip_pass(model: WeCLIP, data: dict, batch: int = 64) -> dict:
 def toy_batches(data: dict, batch: int, seed: int):
     """A factory `epoch -> list of batches` over ToyWorld tensors (all keys of `data`), shuffled per epoch. Random
     horizontal flips only when the CLIP pass is not cached (a flip would change it)."""
-    flip_ok = "cam" not in data
-    def make(epoch: int) -> list[dict]:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        perm = torch.randperm(len(data["image"]), generator=g)
-        out = []
-        for k in range(0, len(perm) - batch + 1, batch):
-            b = {key: v[perm[k:k + batch]] for key, v in data.items() if torch.is_tensor(v)}
-            if flip_ok:
-                flip = (torch.rand(batch, generator=g) < 0.5)[:, None, None, None]
-                b["image"] = torch.where(flip, b["image"].flip(-1), b["image"])
-            out.append(b)
-        return out
-    return make
+    def flip(b: dict, g: torch.Generator) -> dict:
+        f = (torch.rand(len(b["image"]), generator=g) < 0.5)[:, None, None, None]
+        return dict(b, image=torch.where(f, b["image"].flip(-1), b["image"]))
+    return tensor_batches(data, batch, seed, augment=None if "cam" in data else flip)
 
 def train(cfg, callbacks=(), data: dict | None = None) -> tuple[WeCLIP, object]:
     "Train WeCLIP in profile `cfg`; returns the model and the `History`."
@@ -281,8 +272,6 @@ def voc_dataset(cfg, split: str):
 
 def voc_batches(cfg, split: str = "train_aug"):
     "A factory `epoch -> DataLoader` of `WeakCrops` over VOC `split`."
-    from seglab.engine import loader_factory
-    from seglab.toyworld import collate
     ds = WeakCrops(voc_dataset(cfg, split), cfg.crop)
     return loader_factory(ds, cfg.batch, seed=cfg.seed, collate_fn=collate)
 
