@@ -195,7 +195,7 @@ def dice_hd95(pred, gt, spacing=None) -> tuple[float, float]:
     return dice(pred, gt), hd95(pred, gt, spacing)
 
 def volume_scores(pred, gt, classes: Sequence[int] = (1, 2, 3), spacing=None, with_asd: bool = False) -> dict:
-    "Per-class `{class: (Dice, HD95)}` of two label volumes `[S,H,W]` (ACDC: 1 RV, 2 Myo, 3 LV); `(Dice, HD95, ASD)` with `with_asd`."
+    "Per-class `{class: (Dice, HD95)}`, or `(Dice, HD95, ASD)` `with_asd`, of two label volumes `[S,H,W]` (ACDC)."
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ. Fix: resample the prediction to the label grid.")
@@ -288,7 +288,7 @@ def _gaussian_kernel(size: int = 7, sigma: float = 5.0) -> np.ndarray:
     return k / k.sum()
 
 def weighted_f(pred, gt, beta2: float = 1.0) -> float:
-    "Weighted F-measure of Margolin et al. (CVPR 2014): errors weighted by dependency and distance to the object; 0 for an empty mask."
+    "Weighted F-measure (Margolin et al., CVPR 2014) of a [0, 1] map and a boolean mask; 0 for an empty mask."
     if not gt.any():
         return 0.0
     dist, (iy, ix) = ndimage.distance_transform_edt(~gt, return_indices=True)   # to the nearest object pixel
@@ -332,7 +332,7 @@ def s_measure(pred, gt, alpha: float = 0.5) -> float:
     return float(max(0.0, alpha * s_obj + (1 - alpha) * s_reg))
 
 class SaliencyMeter:
-    "MAE, S-, E-, F- and weighted F-measures averaged over images; `fm_max` (DCFM protocol) and `fm_max_pr` (SCWSSOD protocol)."
+    "MAE, S-, E-, F-, weighted F-measures averaged over images; `fm_max` (DCFM protocol), `fm_max_pr` (SCWSSOD protocol)."
     def __init__(self, beta2: float = 0.3, normalize: bool = True):
         self.beta2, self.normalize = beta2, normalize
         self.reset()
@@ -345,8 +345,8 @@ class SaliencyMeter:
         pred, gt = (x.detach().cpu().numpy() if torch.is_tensor(x) else x for x in (pred, gt))
         pred, gt = prepare_saliency(pred, gt, self.normalize)
         p, r = pr_curve(pred, gt)
-        for k, v in dict(mae=mae(pred, gt), sm=s_measure(pred, gt), wfm=weighted_f(pred, gt), em_adp=e_adaptive(pred, gt),
-                         fm_adp=f_adaptive(pred, gt, self.beta2), em=e_curve(pred, gt),
+        for k, v in dict(mae=mae(pred, gt), sm=s_measure(pred, gt), wfm=weighted_f(pred, gt),
+                         em_adp=e_adaptive(pred, gt), fm_adp=f_adaptive(pred, gt, self.beta2), em=e_curve(pred, gt),
                          fm=f_beta(p, r, self.beta2), precision=p, recall=r).items():
             self.rows[k].append(v)
         return self
@@ -356,9 +356,9 @@ class SaliencyMeter:
             raise RuntimeError("SaliencyMeter.compute() before any update().")
         m = {k: np.mean(np.stack(v), axis=0) for k, v in self.rows.items()}
         fm_pr = f_beta(m["precision"], m["recall"], self.beta2)
-        return dict(mae=float(m["mae"]), sm=float(m["sm"]), wfm=float(m["wfm"]), em_adp=float(m["em_adp"]), em_mean=float(m["em"].mean()),
-                    em_max=float(m["em"].max()), fm_adp=float(m["fm_adp"]), fm_mean=float(m["fm"].mean()),
-                    fm_max=float(m["fm"].max()), fm_max_pr=float(fm_pr.max()),
+        return dict(mae=float(m["mae"]), sm=float(m["sm"]), wfm=float(m["wfm"]), em_adp=float(m["em_adp"]),
+                    em_mean=float(m["em"].mean()), em_max=float(m["em"].max()), fm_adp=float(m["fm_adp"]),
+                    fm_mean=float(m["fm"].mean()), fm_max=float(m["fm"].max()), fm_max_pr=float(fm_pr.max()),
                     precision=m["precision"], recall=m["recall"], fm_curve=m["fm"])
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #3d1b105d
@@ -417,7 +417,7 @@ def _db_rows(objects, j, f) -> list[dict]:
 
 def davis_objects(gt, pred, semi_supervised: bool = True, bound_th: float = 0.008,
                   max_proposals: int = 20) -> list[dict]:
-    "Per-object J/F mean, recall and decay of one sequence of id maps `[T,H,W]` (0 background, 255 void), as davis2017-evaluation."
+    "Per-object J/F mean, recall and decay of a sequence of id maps `[T,H,W]` (0 bg, 255 void), as davis2017-evaluation."
     gt, pred = np.asarray(gt), np.asarray(pred)
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"gt {gt.shape} and pred {pred.shape} must both be [T,H,W] id maps.")
@@ -440,7 +440,8 @@ def davis_objects(gt, pred, semi_supervised: bool = True, bound_th: float = 0.00
     # unsupervised task: void pixels are ignored, every frame counts, proposals are matched to objects one-to-one
     n_prop = int(pred.max())
     if n_prop > max_proposals:
-        raise ValueError(f"the prediction has id {n_prop}; the unsupervised protocol allows at most {max_proposals} proposals.")
+        raise ValueError(f"the prediction has id {n_prop}; the unsupervised protocol allows at most {max_proposals} "
+                         f"proposals. Fix: keep the {max_proposals} best proposals, numbered from 1.")
     proposals = np.arange(1, max(n_prop, len(objects)) + 1)     # missing proposals are empty masks
     j = np.array([[[region_j(g == o, p == q, v) for g, p, v in zip(gt, pred, void)] for o in objects] for q in proposals])
     f = np.array([[[boundary_f(g == o, p == q, v, bound_th) for g, p, v in zip(gt, pred, void)] for o in objects]

@@ -261,7 +261,7 @@ def test_hungarian_ties_follow_hp_stego():
         other = np.full(k, -1); other[cols] = rows
         n_tie_flips += bool((other != ours["mapping"]).any())
         n_cases += 1
-    assert n_tie_flips > 20, "the cases must contain ties where the orientation changes the assignment"
+    assert n_tie_flips > 100, f"only {n_tie_flips} of {n_cases} cases have ties where the orientation matters"
     # the hand case of the notebook: two tied assignments, HP/STEGO's gives mIoU 1/4 (the other one 1/3)
     assert M.hungarian_scores(np.array([[1, 0], [2, 1]]))["miou"] == pytest.approx(0.25)
 
