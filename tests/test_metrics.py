@@ -1,10 +1,14 @@
 """Reference comparisons for `seglab.metrics` that are too heavy (or need optional packages) for the notebook.
 
-- saliency measures against pysodmetrics (`pip install pysodmetrics`; skipped when absent);
-- HD95 against medpy (`pip install medpy`; skipped when absent) and a brute-force surface-distance reference;
+- saliency measures, weighted F-measure included, against pysodmetrics (`pip install pysodmetrics`; skipped when absent);
+- HD95, ASD and ASSD against medpy (`pip install medpy`; skipped when absent) and a brute-force surface-distance
+  reference, on random volumes and on the shared ACDC label volumes;
 - QVHighlights metrics against the reference numbers shipped with moment_detr's sample predictions
   (skipped when the shared data are absent);
-- confusion matrix, Hungarian matching and the DAVIS boundary F against brute-force / OpenCV references.
+- confusion matrix, Hungarian matching and the DAVIS boundary F against brute-force / OpenCV references;
+- the protocols of the official evaluation code, re-stated here as plain rules: DAVIS void and object ids
+  (davis2017-evaluation), Hungarian tie-breaking (HP/STEGO `UnsupervisedMetrics`), few-shot zero unions (HSNet,
+  PFENet); and the where+bincount confusion matrix against the boolean-mask version (equality and speed).
 """
 import itertools
 import json
@@ -358,6 +362,26 @@ def test_davis_void_counts_as_background_like_the_official_code():
         # ignoring the void band instead (the previous seglab rule) scores these sequences higher
         ign = np.mean([[M.region_j(g == o, p == o, g == 255) for g, p in zip(gt[1:-1], pred[1:-1])] for o in (1, 2)])
         assert ign > np.mean([j for j, _ in ref]) + 0.05
+
+
+def test_davis_unsupervised_matches_official_protocol():
+    "davis2017-evaluation, unsupervised task: every frame, void left out of J and F, proposals matched by Hungarian."
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        gt, pred = _void_band_sequence(rng, t=4)
+        pred = np.array([0, 3, 1])[pred]                       # proposal ids in another order, plus an empty id 2
+        pred[:, :8, :8] = 4                                     # and a spurious proposal 4
+        void = gt == 255
+        g0 = np.where(void, 0, gt)
+        objs, props = range(1, int(g0[0].max()) + 1), range(1, int(pred.max()) + 1)
+        j = np.array([[[M.region_j(g == o, p == q, v) for g, p, v in zip(g0, pred, void)] for o in objs] for q in props])
+        f = np.array([[[M.boundary_f((g == o) & ~v, (p == q) & ~v) for g, p, v in zip(g0, pred, void)] for o in objs]
+                      for q in props])
+        r, c = linear_sum_assignment(-(j.mean(-1) + f.mean(-1)) / 2)
+        ref = sorted(zip(j[r, c].mean(-1), f[r, c].mean(-1)))
+        ours = sorted((row["J_mean"], row["F_mean"]) for row in M.davis_objects(gt, pred, semi_supervised=False))
+        assert np.allclose(ours, ref, atol=1e-12, rtol=0) and len(ours) == 2
 
 
 @pytest.mark.skipif(not (SHARED / "voc_samples" / "SegmentationClass" / "voc2012val_crop_001.png").exists(),
