@@ -217,9 +217,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}); it is truncated, "
-                              f"damaged or not a torch checkpoint. {_fix(path)}") from e
+        # torch's own words for a cut-off zip ("[Errno 22] Invalid argument", "failed finding central directory")
+        # do not help; a refused pickle's do
+        reason = "" if isinstance(e, (OSError, EOFError, zipfile.BadZipFile)) else f" ({' '.join(str(e).split())[:200]})"
+        raise CheckpointError(f"{path} cannot be read as a checkpoint{reason}: it is truncated, damaged or not a torch "
+                              f"checkpoint. {_fix(path)}") from e
 
 # %% ../nbs/00_foundations/05_engine.ipynb #b8aecd6f
 LR_KINDS = ("poly", "cosine", "constant")
