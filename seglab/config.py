@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'get_device', 'device_name', 'banner', 'Cfg', 'pick', 'seed_everything',
-           'in_colab', 'cache_root', 'data_root', 'sha256sum', 'atomic_path', 'reset_clock', 'run_stamp']
+__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'Cfg', 'pick',
+           'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum', 'atomic_path', 'reset_clock',
+           'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -51,14 +52,30 @@ def get_profile(profile: str | None = None) -> str:
     return profile
 
 # %% ../nbs/00_foundations/00_config.ipynb #ce266253
+class DeviceError(RuntimeError):
+    "The requested device is not a device, or not present; the message names where it was asked for and the fix."
+
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "The device to run on: `device`, else `SEGLAB_DEVICE`, else CUDA when available, else CPU."
-    device = device or os.environ.get("SEGLAB_DEVICE") or ("cuda" if _cuda_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not _cuda_available():
-        raise RuntimeError(f"device {device} was requested but torch sees no CUDA GPU. "
-                           "Fix: on Colab use Runtime -> Change runtime type -> T4 GPU, or pass device='cpu'.")
-    return device
+    env = os.environ.get("SEGLAB_DEVICE", "").strip()
+    if not device and not env:
+        return torch.device("cuda" if _cuda_available() else "cpu")
+    asked, where = (device, f"device={str(device)!r}") if device else (env, f"SEGLAB_DEVICE={env!r}")
+    fix = ("Fix: `export SEGLAB_DEVICE=cpu`, or unset SEGLAB_DEVICE to use CUDA when present" if not device
+           else "Fix: pass device='cpu' (or None to use CUDA when present)")
+    try:
+        chosen = torch.device(asked)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{where} is not a device; use cpu, cuda, cuda:N or mps. {fix}.") from None
+    if chosen.type == "cuda" and not _cuda_available():
+        raise DeviceError(f"{where} asks for a CUDA GPU but torch sees none. {fix}; on Colab use Runtime -> "
+                          f"Change runtime type -> T4 GPU.")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise DeviceError(f"{where} asks for GPU {chosen.index} but torch sees {torch.cuda.device_count()} "
+                          f"(numbered from 0). {fix}, or name an existing GPU.")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{where} asks for Apple's MPS but it is not available here. {fix}.")
+    return chosen
 
 def device_name(device: torch.device | None = None) -> str:
     "A human-readable name of the device (GPU model or CPU description)."

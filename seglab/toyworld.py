@@ -849,9 +849,10 @@ def chance_miou(train: dict, val: dict, seed: int = 0) -> float:
     pred = torch.multinomial(freq / freq.sum(), val["mask"].numel(), replacement=True, generator=g)
     return miou(pred, val["mask"].flatten())
 
-def tour(profile: str | None = "toy") -> dict:
+def tour(profile: str | None = "toy", ckpt: str | None = None) -> dict:
     """Train `TinyFCN` on ToyWorld semantic scenes and report validation mIoU beside chance and the colour-only
-    baseline (the foundations' entry of `seglab tour`)."""
+    baseline (the foundations' entry of `seglab tour`). With `ckpt` the run checkpoints there and resumes from it."""
+    from seglab.engine import fit  # the training loop of the foundations (05_engine)
     cfg = pick(TOUR_CONFIG, profile)
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -862,16 +863,17 @@ def tour(profile: str | None = "toy") -> dict:
     model = TinyFCN(width=cfg.width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.steps):
-        idx = torch.randint(cfg.n_train, (cfg.batch,), generator=g)
-        x, y = train["image"][idx].to(device), train["mask"][idx].to(device)
-        if torch.rand(1, generator=g) < 0.5:  # horizontal flip
-            x, y = x.flip(-1), y.flip(-1)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step(); sched.step()
+
+    def batches(epoch: int):  # one stream for the whole run, a function of the seed only (so a resume can replay it)
+        g = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(cfg.steps):
+            idx = torch.randint(cfg.n_train, (cfg.batch,), generator=g)
+            x, y = train["image"][idx], train["mask"][idx]
+            if torch.rand(1, generator=g) < 0.5:  # horizontal flip
+                x, y = x.flip(-1), y.flip(-1)
+            yield x, y
+    fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, opt, steps=cfg.steps, scheduler=sched, amp=False,
+        ckpt=ckpt, ckpt_every=max(1, cfg.steps // 10), log_every=10, seed=cfg.seed, device=device, desc="toyworld")
     model.eval()
     cm = ConfusionMatrix(NUM_CLASSES)
     with torch.no_grad():
