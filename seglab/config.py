@@ -84,7 +84,7 @@ def banner(profile: str | None = None) -> str:
     print(text)
     return text
 
-# %% ../nbs/00_foundations/00_config.ipynb #8525dcca
+# %% ../nbs/00_foundations/00_config.ipynb #b9b64f8c
 def thread_count(profile: str | None = None) -> int:
     "How many torch CPU threads this process should use under seglab's policy (see the table above)."
     if os.environ.get("SEGLAB_THREADS"):
