@@ -5,7 +5,6 @@
 # %% ../nbs/00_foundations/03_backbones.ipynb #058d59f3
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -28,10 +27,10 @@ __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EF
            'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained', 'normalize',
            'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'cnn_stages', 'cnn_features',
            'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features', 'clip_text_classifier',
-           'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior', 'cached_features',
-           'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
-           'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points', 'features_at',
-           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
+           'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior', 'build_toy_vit', 'build_toy_clip',
+           'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss', 'object_scenes', 'drop_words', 'colour_distort',
+           'random_views', 'nt_xent', 'shared_points', 'features_at', 'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip',
+           'toy_cnn', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -276,25 +275,6 @@ def masked_support_prior(query_feats: torch.Tensor, support_feats: torch.Tensor,
     cos = torch.einsum("bcq,bcs->bqs", q, s).amax(dim=2)
     lo, hi = cos.amin(1, keepdim=True), cos.amax(1, keepdim=True)
     return ((cos - lo) / (hi - lo + eps)).reshape(B, *query_feats.shape[-2:])
-
-# %% ../nbs/00_foundations/03_backbones.ipynb #5ded8836
-def _slug(text: str) -> str:
-    "A file-name-safe version of `text`, with a short hash so that different texts never collide."
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text))[:80]
-    return f"{safe}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
-
-def cached_features(model_name: str, size, image_id: str, compute, root: str | Path | None = None) -> dict:
-    "Features `{key: tensor}` of one image from the fp16 cache, else `compute()` them (dict or tensor) and store them."
-    size = "x".join(map(str, size)) if isinstance(size, (tuple, list)) else str(size)
-    path = Path(root or cache_root() / "features") / _slug(model_name) / size / f"{_slug(image_id)}.pt"
-    if path.exists():
-        feats = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        out = compute()
-        feats = {k: v.detach().cpu().half() for k, v in (out if isinstance(out, dict) else {"feats": out}).items()}
-        with atomic_path(path) as tmp:
-            torch.save(feats, tmp)
-    return {k: v.float() for k, v in feats.items()}
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64

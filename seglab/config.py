@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'Cfg', 'pick',
-           'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum', 'atomic_path', 'reset_clock',
-           'run_stamp']
+__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'thread_count',
+           'set_threads', 'Cfg', 'pick', 'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum',
+           'atomic_path', 'reset_clock', 'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -88,6 +88,7 @@ def banner(profile: str | None = None) -> str:
     "Print and return which profile runs, why, and on which device."
     prof, why = (profile, "passed explicitly") if profile else profile_reason()
     prof = get_profile(prof)
+    set_threads(prof)
     lines = [f"seglab profile: {prof} ({why})", f"device: {device_name()}  |  torch {torch.__version__}"]
     if prof == "full" and not _cuda_available():
         lines.append("WARNING: the full profile without a GPU will be very slow. "
@@ -98,6 +99,31 @@ def banner(profile: str | None = None) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+# %% ../nbs/00_foundations/00_config.ipynb #b9b64f8c
+def thread_count(profile: str | None = None) -> int:
+    "How many torch CPU threads this process should use under seglab's policy (see the table above)."
+    if os.environ.get("SEGLAB_THREADS"):
+        try:
+            n = int(os.environ["SEGLAB_THREADS"])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"SEGLAB_THREADS={os.environ['SEGLAB_THREADS']!r} is not a positive integer. "
+                             "Fix: export SEGLAB_THREADS=1 (or unset it to use seglab's policy).")
+        return n
+    if get_profile(profile) == "toy":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+def set_threads(profile: str | None = None) -> int:
+    "Apply the thread policy to torch on a CPU device (a CUDA device keeps torch's default); returns the count."
+    if get_device().type == "cuda" and not os.environ.get("SEGLAB_THREADS"):
+        return torch.get_num_threads()
+    n = thread_count(profile)
+    torch.set_num_threads(n)
+    return n
 
 # %% ../nbs/00_foundations/00_config.ipynb #f8f0c06f
 class Cfg(dict):

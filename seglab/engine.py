@@ -305,15 +305,29 @@ def init_distributed(backend: str | None = None) -> bool:
     return True
 
 def loader_factory(dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                   num_workers: int = 0, collate_fn: Callable | None = None) -> Callable[[int], DataLoader]:
-    "A function `epoch -> DataLoader` whose order depends only on `(seed, epoch)`, sharded over distributed processes."
+                   num_workers: int = 0, collate_fn: Callable | None = None, pin_memory: bool | None = None,
+                   persistent_workers: bool = False) -> Callable[[int], DataLoader]:
+    """A function `epoch -> DataLoader` whose order depends only on `(seed, epoch)`, sharded over distributed processes.
+    `pin_memory` defaults to True when CUDA is available. With `persistent_workers=True` (needs `num_workers > 0`) one
+    loader is built and reused: its worker processes survive between epochs, but random augmentation inside them then
+    continues across epochs, so a resumed run matches an uninterrupted one exactly only without it."""
+    if persistent_workers and num_workers < 1:
+        raise ValueError("persistent_workers=True needs num_workers >= 1")
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    built: dict = {}
+
     def make(epoch: int) -> DataLoader:
         rank, world = dist_info()
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
+        if built.get("where") != (rank, world) or not persistent_workers:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                         drop_last=drop_last)
+            built.update(where=(rank, world), sampler=sampler, loader=DataLoader(
+                dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                generator=torch.Generator()))
+        built["sampler"].set_epoch(epoch)
+        built["loader"].generator.manual_seed(derive_seed(seed, epoch, rank))
+        return built["loader"]
     return make
 
 def tensor_batches(data: dict, batch: int, seed: int = 0, keys=None,
@@ -321,20 +335,26 @@ def tensor_batches(data: dict, batch: int, seed: int = 0, keys=None,
     """A factory `epoch -> list of batch dicts` over in-memory tensors `data` (its tensor entries, or `keys`): one
     permutation per epoch from a generator seeded by `(seed, epoch)`, the last partial batch dropped; `augment(batch,
     generator)` may transform each batch, drawing from the same generator. For cached features and small toy sets,
-    where a DataLoader is overhead (not sharded: use `loader_factory` under `torchrun`)."""
+    where a DataLoader is overhead. `batch` is the *global* batch: under `torchrun` every process draws the same
+    permutation and takes its own contiguous slice of `batch / R` rows of each batch (R processes must divide `batch`)."""
     keys = [k for k, v in data.items() if torch.is_tensor(v)] if keys is None else list(keys)
     if not keys:
         raise ValueError("tensor_batches needs at least one tensor in `data` (or name them in `keys`)")
     def make(epoch: int) -> list[dict]:
+        rank, world = dist_info()
+        if batch % world:
+            raise ValueError(f"tensor_batches: the global batch {batch} does not split over {world} processes; "
+                             f"use a multiple of {world}")
+        per = batch // world
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
         perm = torch.randperm(len(data[keys[0]]), generator=g)
         out = []
         for i in range(0, len(perm) - batch + 1, batch):
             b = {k: data[k][perm[i:i + batch]] for k in keys}
-            out.append(augment(b, g) if augment else b)
+            b = augment(b, g) if augment else b
+            out.append({k: v[rank * per:(rank + 1) * per] for k, v in b.items()} if world > 1 else b)
         return out
     return make
-
 
 # %% ../nbs/00_foundations/05_engine.ipynb #91b46754
 AMP_MODES = (None, True, False, "fp16", "bf16")
