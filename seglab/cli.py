@@ -170,7 +170,7 @@ TOUR_COLUMNS = ["chapter", "task", "metric", "value", "chance", "seconds"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seglab", description="seglab: a notebook-first course on segmentation methods")
     p.add_argument("--version", action="version", version=f"seglab {seglab.__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data}")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data,bench}")
     sub.add_parser("list", help="the course map and each chapter's status")
     t = sub.add_parser("tour", help="train and evaluate every ready chapter, one table")
     t.add_argument("--profile", choices=PROFILES, default=None)
@@ -184,6 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--seed", type=int, default=0)
     sub.add_parser("data", help="datasets: list | get <name> | check <name>", add_help=False)
+    m = sub.add_parser("bench", help="time one training step of each ready chapter (toy and full sizes)")
+    m.add_argument("chapters", nargs="*", help="chapter slugs (default: every ready chapter with a bench_case)")
+    m.add_argument("--profile", choices=PROFILES + ("both",), default="both")
+    m.add_argument("--steps", type=int, default=5, help="timed steps per case (after 2 warm-up steps)")
+    m.add_argument("--json", default=None, help="also write the table and the machine to this JSON file")
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +212,6 @@ def _main(argv: list[str]) -> int:
             get_profile()
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.cmd in ("tour", "train") and get_profile(args.profile) == "toy":
-        # toy models are tiny: on a 2-core CPU one thread is several times faster than two
-        # (measured: ABD's toy tour 30 s with 1 thread, about 3 min with 2)
-        import torch
-        torch.set_num_threads(1)
     if args.cmd == "list":
         print(format_table(course_table(), ["part", "chapter", "method", "task", "status", "notebook"]))
     elif args.cmd == "tour":
@@ -230,6 +230,16 @@ def _main(argv: list[str]) -> int:
             raise UsageError(f"unknown toy backbone {args.name!r}. Fix: `seglab pretrain NAME` with NAME one of "
                              f"{', '.join(TOY_NAMES)}.")
         print(f"saved {pretrain_toy(args.name, seed=args.seed)}")
+    elif args.cmd == "bench":
+        from seglab.bench import BENCH_COLUMNS, bench
+        if args.steps < 1:
+            raise UsageError(f"--steps {args.steps}: at least one timed step is needed. Fix: --steps 5")
+        for slug in args.chapters:
+            get_chapter(slug)
+        banner()
+        profiles = PROFILES if args.profile == "both" else (args.profile,)
+        rows = bench(args.chapters or None, profiles, steps=args.steps, json_path=args.json)
+        print(format_table(rows, BENCH_COLUMNS) if rows else "no ready chapter defines bench_case yet")
     else:
         _parser().print_help()
     return 0
