@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -480,9 +481,13 @@ def _ordered(urls) -> list[str]:
     rank = {"https": 0, "file": 1}
     return sorted(urls, key=lambda u: rank.get(_scheme(u), 2))
 
-def _allow_http() -> bool:
-    "Plain http without a published sha256 is refused unless `SEGLAB_ALLOW_HTTP=1`."
-    return os.environ.get("SEGLAB_ALLOW_HTTP", "") == "1"
+def _http_refused(url: str, sha256: str | None) -> bool:
+    """Plain http is refused without a sha256 to check the bytes against, unless `SEGLAB_ALLOW_HTTP=1` or the host
+    is this machine (the loopback: the bytes never cross a network)."""
+    if _scheme(url) != "http" or sha256 is not None or os.environ.get("SEGLAB_ALLOW_HTTP", "") == "1":
+        return False
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host not in ("127.0.0.1", "localhost", "::1")
 
 def _move_aside(path: Path, tag: str = "rejected") -> Path:
     "Rename `path` to `<name>.<tag>-<time>` next to it (never delete a file someone may have placed by hand)."
@@ -524,7 +529,7 @@ def download(urls: str | list[str] | tuple[str, ...], dest: str | Path, *, size:
             raise DownloadError(f"there is no URL to download {dest.name} from: put the file at {dest}.{hint}")
         failures, error, refused = [], ChecksumError, False   # ChecksumError when every URL served wrong bytes
         for url in urls:
-            if _scheme(url) == "http" and sha256 is None and not _allow_http():
+            if _http_refused(url, sha256):
                 failures.append(f"  - {url}: refused: plain http and no published sha256 to check the bytes against")
                 error, refused = DownloadError, True
                 continue
@@ -780,7 +785,7 @@ def _zip_entries(zf: zipfile.ZipFile, include, strip) -> list[_Entry]:
     for info in zf.infolist():
         rel = _safe_relpath(info.filename, strip)
         mode = info.external_attr >> 16
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):   # 0: no Unix type stored
             raise UnsafeArchiveError(f"member {info.filename!r} is a device file or FIFO")
         if rel is None or not (info.is_dir() or _wanted(rel, include)):
             continue
