@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 from ..config import atomic_path, data_root
 
 # %% auto #0
-__all__ = ['REGISTRY', 'FAMILIES', 'MAX_MEMBER_PATH', 'MAX_NAME', 'LOCK_NAME', 'PREPARERS', 'MARKER', 'FileSpec', 'Subset',
-           'DatasetSpec', 'DownloadError', 'ChecksumError', 'CorruptArchiveError', 'UnsafeArchiveError',
-           'ManualDownloadRequired', 'file_digests', 'verify_file', 'download', 'local_server', 'safe_extract',
-           'read_lock', 'unpin', 'archive_problem', 'fetch_file', 'voc_course_lists', 'voc_aug_lists', 'pascal5i_folds',
-           'coco20i_folds', 'get_command', 'missing_paths', 'get', 'check', 'registry_table', 'format_table',
-           'data_cli', 'family_main']
+__all__ = ['COCOSTUFF27_COURSE', 'COCOSTUFF27_LISTS', 'REGISTRY', 'FAMILIES', 'MAX_MEMBER_PATH', 'MAX_NAME', 'LOCK_NAME',
+           'PREPARERS', 'MARKER', 'FileSpec', 'Subset', 'DatasetSpec', 'DownloadError', 'ChecksumError',
+           'CorruptArchiveError', 'UnsafeArchiveError', 'ManualDownloadRequired', 'file_digests', 'verify_file',
+           'download', 'local_server', 'safe_extract', 'read_lock', 'unpin', 'archive_problem', 'fetch_file',
+           'voc_course_lists', 'voc_aug_lists', 'pascal5i_folds', 'coco20i_folds', 'cocostuff27_subset', 'get_command',
+           'missing_paths', 'get', 'check', 'registry_table', 'format_table', 'data_cli', 'family_main']
 
 # %% ../../nbs/00_foundations/02_data.ipynb #b89f78c4
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,10 @@ _DAVIS_VAL_SEQS = ("bike-packing", "blackswan", "bmx-trees", "breakdance", "came
                  "cows", "dance-twirl", "dog")
 _DAVIS_TRAIN_SEQS = ("bear", "bmx-bumps", "boat", "boxing-fisheye", "breakdance-flare", "bus", "car-turn",
                    "cat-girl", "classic-car", "color-run")
+
+# The HP chapter's full recipe (its CONFIG's n_train / n_val) uses the first ids of the IIC curated lists.
+COCOSTUFF27_COURSE = {"train": 2000, "val": 500}
+COCOSTUFF27_LISTS = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
 
 def _manual(name, file, where):
     return _DRIVE_ONLY.format(name=name, file=file, where=where)
@@ -198,11 +202,23 @@ _ENTRIES = [
               "coco2014's instances json."),
     DatasetSpec(
         "cocostuff27", "COCO-Stuff-27 (STEGO's curated release)", "coco",
-        (FileSpec("cocostuff.zip", ("https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip",)),),
+        (FileSpec("cocostuff.zip", ("https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip",),
+                  checksum_source="none published (seglab knows of none for STEGO's zip): the first download is "
+                                  "pinned in registry.lock.json only once it is known to be whole"),),
         ("cocostuff/images", "cocostuff/annotations", "cocostuff/curated"),
         "COCO-Stuff annotations CC BY 4.0; images under Flickr terms",
         "H. Caesar, J. Uijlings, V. Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. CVPR 2018.",
-        "https://github.com/mhamilton723/STEGO"),
+        "https://github.com/mhamilton723/STEGO", prepare=("cocostuff27_subset",),
+        subsets={"course": Subset(
+            f"the HP recipe's images only: the first {COCOSTUFF27_COURSE['train']:,} ids of the curated train list and "
+            f"the first {COCOSTUFF27_COURSE['val']:,} of the curated val list ("
+            f"{sum(COCOSTUFF27_COURSE.values()):,} images with their annotations), both lists cut to those ids. The "
+            "zip is still downloaded whole (STEGO publishes no smaller file).", include=("cocostuff/curated/*",))},
+        notes="Pinning: no checksum is published for cocostuff.zip, so its sha256 and size are trusted on first use "
+              "and written to <root>/registry.lock.json, but only after a clean, complete download (the server's "
+              "announced length matched, or the zip's central directory lists every member); every later download "
+              "must match the pin (`seglab data unpin cocostuff27` clears it). The `course` subset extracts only the "
+              "2,500 images the HP chapter uses, picked from the curated lists inside the zip."),
     DatasetSpec(
         "cityscapes", "Cityscapes (fine annotations)", "cityscapes",
         (FileSpec("gtFine_trainvaltest.zip"), FileSpec("leftImg8bit_trainvaltest.zip")),
@@ -670,8 +686,13 @@ def _safe_relpath(name: str, strip: str | None = None) -> PurePosixPath | None:
         parts = parts[k:]
     return PurePosixPath(*parts) if parts else None
 
-def _wanted(rel: PurePosixPath, include) -> bool:
-    return include is None or any(fnmatch.fnmatchcase(str(rel), g) for g in include)
+def _matcher(include):
+    "A test for `include` (None = everything): exact names are looked up in a set, globs matched one by one."
+    if include is None:
+        return lambda rel: True
+    exact = {g for g in include if not any(c in g for c in "*?[")}
+    globs = [g for g in include if g not in exact]
+    return lambda rel: str(rel) in exact or any(fnmatch.fnmatchcase(str(rel), g) for g in globs)
 
 @dataclasses.dataclass
 class _Entry:
@@ -757,7 +778,7 @@ def _write_plan(entries: list[_Entry], out: Path, read) -> int:
     return n
 
 def _tar_entries(tar: tarfile.TarFile, include, strip) -> list[_Entry]:
-    members = tar.getmembers()
+    members, wanted = tar.getmembers(), _matcher(include)
     regular = {}
     for m in members:
         if m.isreg():
@@ -774,20 +795,20 @@ def _tar_entries(tar: tarfile.TarFile, include, strip) -> list[_Entry]:
             if src is None:
                 raise UnsafeArchiveError(f"hardlink {m.name!r} -> {m.linkname!r} points outside the target (not a "
                                          "file of this archive)")
-        if rel is None or not (m.isdir() or _wanted(rel, include)):
+        if rel is None or not (m.isdir() or wanted(rel)):
             continue
         kind = "dir" if m.isdir() else "sym" if m.issym() else "file"
         entries.append(_Entry(m.name, rel, kind, m.linkname if kind == "sym" else "", src))
     return entries
 
 def _zip_entries(zf: zipfile.ZipFile, include, strip) -> list[_Entry]:
-    entries = []
+    entries, wanted = [], _matcher(include)
     for info in zf.infolist():
         rel = _safe_relpath(info.filename, strip)
         mode = info.external_attr >> 16
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):   # 0: no Unix type stored
             raise UnsafeArchiveError(f"member {info.filename!r} is a device file or FIFO")
-        if rel is None or not (info.is_dir() or _wanted(rel, include)):
+        if rel is None or not (info.is_dir() or wanted(rel)):
             continue
         if stat.S_ISLNK(mode):
             if info.file_size > MAX_MEMBER_PATH:
@@ -983,7 +1004,30 @@ def coco20i_folds(work: Path, root: Path, subset: str | None) -> None:
     "COCO-20i: fold f tests classes f+1, f+5, ..., f+77 (1-based contiguous COCO ids)."
     _write_folds(work, {f: list(range(f + 1, 81, 4)) for f in range(4)}, "COCO-20i, interleaved split")
 
-PREPARERS = {f.__name__: f for f in (voc_course_lists, voc_aug_lists, pascal5i_folds, coco20i_folds)}
+def cocostuff27_subset(work: Path, root: Path, subset: str | None, counts: dict | None = None) -> None:
+    """`course` subset of COCO-Stuff-27: keep the first `counts[split]` ids of each curated list (the HP recipe's
+    `COCOSTUFF27_COURSE`), cut the lists to them and extract just those images and annotations from the zip."""
+    if subset != "course":
+        return                                   # the full set was extracted whole
+    counts = counts or COCOSTUFF27_COURSE
+    base, names = work / "cocostuff", []
+    for split, n in counts.items():
+        lst = base / "curated" / f"{split}2017" / COCOSTUFF27_LISTS[split]
+        if not lst.exists():
+            raise DownloadError(f"cocostuff27: {lst.relative_to(work)} is not in the archive; the course subset is "
+                                "chosen from it (a changed release?); please report it.")
+        ids = [l.strip() for l in lst.read_text().splitlines() if l.strip()][:n]
+        lst.write_text("\n".join(ids) + "\n")
+        names += [f"cocostuff/{d}/{split}2017/{i}.{e}" for i in ids for d, e in (("images", "jpg"), ("annotations", "png"))]
+    archive = root / "_downloads" / "cocostuff27" / "cocostuff.zip"
+    safe_extract(archive, work, include=tuple(names))
+    missing = [m for m in names if not (work / m).exists()]
+    if missing:
+        raise DownloadError(f"cocostuff27: {len(missing)} files of the curated lists are not in the archive, e.g. "
+                            f"{missing[0]}; please report it.")
+
+PREPARERS = {f.__name__: f for f in (voc_course_lists, voc_aug_lists, pascal5i_folds, coco20i_folds,
+                                     cocostuff27_subset)}
 
 # %% ../../nbs/00_foundations/02_data.ipynb #6023ce6a
 MARKER = ".seglab_ready.json"
