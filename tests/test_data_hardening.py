@@ -142,7 +142,7 @@ CRAFTED = ["zip_link_chain", "tar_link_chain", "tar_pathmax", "zip_abs_symlink",
 
 
 @pytest.mark.parametrize("kind", CRAFTED)
-def test_crafted_archive_refused_by_get_nothing_outside(tmp_path, kind):
+def test_crafted_archive_refused_by_get_nothing_outside(tmp_path, kind, monkeypatch, capsys):
     srv, data = tmp_path / "srv", tmp_path / "data"
     srv.mkdir()
     members, fmt = crafted(kind, tmp_path, data)
@@ -151,6 +151,11 @@ def test_crafted_archive_refused_by_get_nothing_outside(tmp_path, kind):
     with local_server(srv, lifetime=60) as (base, _):
         with pytest.raises(UnsafeArchiveError, match="outside|through the symlink|limit|absolute|'..'"):
             get("voc2012", data, registry=registry(f"{base}/{NAME}", archive), progress=False)
+        # `seglab data get voc2012` with this entry: exit code 1 and one line, no traceback
+        monkeypatch.setitem(dl.REGISTRY, "voc2012", registry(f"{base}/{NAME}", archive)["voc2012"])
+        assert data_cli(["get", "voc2012", "--root", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") and "Traceback" not in out, out
     check_outside()
     assert not list(tmp_path.glob("pwned*")) and not (data / "voc2012").exists()
     assert not [p for p in data.rglob("*") if ".partial-" in p.name or ".extract-" in p.name]

@@ -131,7 +131,7 @@ _ENTRIES = [
         (FileSpec("VOCtrainval_11-May-2012.tar",
                   ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
                    "http://pjreddie.com/media/files/VOCtrainval_11-May-2012.tar",
-                   "http://d2l-data.s3-accelerate.amazonaws.com/VOCtrainval_11-May-2012.tar"),
+                   "https://d2l-data.s3-accelerate.amazonaws.com/VOCtrainval_11-May-2012.tar"),
                   size=1999639040, sha256="e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb",
                   md5="6cd6e144f989b92b3379bac3b3de84fd",
                   checksum_source=_TFDS.format("voc") + " (size, sha256); torchvision datasets/voc.py (md5)"),),
@@ -790,8 +790,11 @@ def _tar_entries(tar: tarfile.TarFile, include, strip) -> list[_Entry]:
             raise UnsafeArchiveError(f"member {m.name!r} is a device file or FIFO")
         src = m
         if m.islnk():                      # a hard link becomes a copy of the archive member it names
-            _safe_relpath(m.linkname)
-            src = regular.get(m.linkname.rstrip("/").removeprefix("./"))
+            try:
+                _safe_relpath(m.linkname)
+                src = regular.get(m.linkname.rstrip("/").removeprefix("./"))
+            except UnsafeArchiveError:
+                src = None
             if src is None:
                 raise UnsafeArchiveError(f"hardlink {m.name!r} -> {m.linkname!r} points outside the target (not a "
                                          "file of this archive)")
