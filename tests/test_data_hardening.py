@@ -431,3 +431,21 @@ def test_older_subset_tree_is_cleaned_and_hand_placed_folder_kept(tmp_path):
     assert not stale.exists()
     kept = list(root.glob(".voc2012.old-*"))
     assert len(kept) == 1 and (kept[0] / "notes" / "mine.txt").read_text() == "mine"
+
+
+def test_file_lock_is_exclusive_across_processes_and_leaves_no_file(tmp_path):
+    "Three processes take turns on one lock (each appends start/end, never interleaved); the lock file is removed."
+    script = tmp_path / "locker.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from seglab.data.download import _file_lock
+        with _file_lock(Path({str(tmp_path / 'thing')!r})):
+            with open({str(tmp_path / 'log.txt')!r}, "a") as f:
+                f.write("start\\n"); f.flush(); time.sleep(0.3); f.write("end\\n")
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(script)], env=env) for _ in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert (tmp_path / "log.txt").read_text() == "start\nend\n" * 3
+    assert not list(tmp_path.glob(".lock-*"))

@@ -420,8 +420,9 @@ def verify_file(path: str | Path, size: int | None = None, sha256: str | None = 
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """An exclusive advisory lock (POSIX `fcntl.flock`) on the hidden file `.lock-<name>` next to `path`, so two
-    processes never write the same download or prepare the same dataset at once. The lock file is never deleted:
-    deleting it would let a third process lock a new file of that name while a second one still waits on the old one."""
+    processes never write the same download or prepare the same dataset at once. The holder deletes the lock file
+    before it unlocks; a process that was waiting on the deleted file notices (its inode is no longer the path's)
+    and locks the current file instead, so two processes can never both hold "the" lock."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks, run unlocked
@@ -442,6 +443,7 @@ def _file_lock(path: Path):
     try:
         yield
     finally:
+        lock.unlink(missing_ok=True)
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
