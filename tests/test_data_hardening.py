@@ -433,19 +433,24 @@ def test_older_subset_tree_is_cleaned_and_hand_placed_folder_kept(tmp_path):
     assert len(kept) == 1 and (kept[0] / "notes" / "mine.txt").read_text() == "mine"
 
 
-def test_file_lock_is_exclusive_across_processes_and_leaves_no_file(tmp_path):
-    "Three processes take turns on one lock (each appends start/end, never interleaved); the lock file is removed."
-    script = tmp_path / "locker.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
-        from seglab.data.download import _file_lock
-        with _file_lock(Path({str(tmp_path / 'thing')!r})):
-            with open({str(tmp_path / 'log.txt')!r}, "a") as f:
-                f.write("start\\n"); f.flush(); time.sleep(0.3); f.write("end\\n")
-    """))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(script)], env=env) for _ in range(3)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    assert (tmp_path / "log.txt").read_text() == "start\nend\n" * 3
+def test_file_lock_is_exclusive_and_leaves_no_file(tmp_path):
+    """Three workers take turns on one lock (each logs start/end, never interleaved); the lock file is removed. Threads
+    suffice: `flock` locks belong to open file descriptions, so two `open()`s of one file conflict like two processes."""
+    import threading
+    import time
+    log = []
+
+    def worker():
+        with dl._file_lock(tmp_path / "thing"):
+            log.append("start")
+            time.sleep(0.3)
+            log.append("end")
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t, delay in zip(threads, (0, 0.1, 0.3)):   # the third arrives while the second waits on the first's file
+        time.sleep(delay)
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert log == ["start", "end"] * 3, log
     assert not list(tmp_path.glob(".lock-*"))
