@@ -454,3 +454,15 @@ def test_file_lock_is_exclusive_and_leaves_no_file(tmp_path):
         t.join(timeout=60)
     assert log == ["start", "end"] * 3, log
     assert not list(tmp_path.glob(".lock-*"))
+
+
+def test_verified_bytes_starting_with_a_bracket_are_not_html(tmp_path):
+    "A binary file may start with `<` (1 in 256 random files): its checksum proves it, no HTML guess refuses it."
+    blob = b"<\x97H\\\xe2" + os.urandom(1000)
+    (tmp_path / "b.bin").write_bytes(blob)
+    info = dl.verify_file(tmp_path / "b.bin", sha256=hashlib.sha256(blob).hexdigest())
+    assert info["size"] == len(blob)
+    assert dl.verify_file(tmp_path / "b.bin")["size"] == len(blob)         # not an HTML page either
+    (tmp_path / "p.bin").write_bytes(b"  <!doctype HTML><title>Quota</title>")
+    with pytest.raises(ChecksumError, match="HTML"):
+        dl.verify_file(tmp_path / "p.bin", sha256="0" * 64)

@@ -396,20 +396,27 @@ def _text_head(head: bytes) -> bytes:
             return head.lstrip()
     return head
 
+_HTML = re.compile(rb"<(!doctype\s+html|html|head|body|\?xml|!--|title|meta|script|error)\b", re.IGNORECASE)
+
 def verify_file(path: str | Path, size: int | None = None, sha256: str | None = None, md5: str | None = None,
                 reject_html: bool = True) -> dict:
-    "Check size, HTML-ness and checksums of `path`; return `{'size', 'sha256'}` or raise `ChecksumError`."
+    """Check size, checksums and HTML-ness of `path`; return `{'size', 'sha256'}` or raise `ChecksumError`.
+
+    Bytes that match a known checksum are the file, whatever they start with; otherwise a body that starts like an
+    HTML/XML page (also behind a byte-order mark) is reported as such: an error or quota page, not the data."""
     path = Path(path)
     n = path.stat().st_size
-    if reject_html:
+    got = file_digests(path, md5=md5 is not None)
+    proven = (sha256 is not None or md5 is not None) and (sha256 is None or got["sha256"] == sha256.lower()) \
+        and (md5 is None or got["md5"] == md5.lower()) and (size is None or n == size)
+    if reject_html and not proven:
         with open(path, "rb") as f:
             head = _text_head(f.read(512))
-        if head[:1] == b"<":
+        if _HTML.match(head):
             raise ChecksumError(f"{path.name}: the body starts with {head[:40]!r}, an HTML/XML page (an error or "
                                 "quota page), not the data.")
     if size is not None and n != size:
         raise ChecksumError(f"{path.name}: {n} bytes, expected {size} ({'truncated' if n < size else 'too long'}).")
-    got = file_digests(path, md5=md5 is not None)
     if sha256 is not None and got["sha256"] != sha256.lower():
         raise ChecksumError(f"{path.name}: sha256 {got['sha256']}, expected {sha256.lower()} (corrupted or a different file).")
     if md5 is not None and got["md5"] != md5.lower():
