@@ -168,7 +168,7 @@ def test_full_config_one_step(tmp_path, request):
     """The chapter's full CONFIG, unchanged except the data root, steps=1 and pretrained=False: one training step at
     full size (224 train crops, 320 eval crops, ViT-S/16, batch 32, dim 512, pool 512) on real COCO128 images."""
     if "slow" not in request.config.getoption("--nbdev-flags").split():
-        pytest.skip("slow (about a minute of CPU, 3 GB): enable with --nbdev-flags slow or SEGLAB_FLAGS=slow")
+        pytest.skip("slow (about 90 s of CPU and 3.3 GB peak; several minutes on a shared CPU): enable with --nbdev-flags slow or SEGLAB_FLAGS=slow")
     full = pick(hp.CONFIG, "full")
     cfg = full.replace(steps=1, pretrained=False)
     assert {k for k in full if full[k] != cfg[k]} == {"steps", "pretrained"}
