@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("pretrain", help="rebuild a toy backbone on ToyWorld")
     b.add_argument("name")
     b.add_argument("--seed", type=int, default=0)
-    sub.add_parser("data", help="datasets: list | get <name> | check <name>", add_help=False)
+    sub.add_parser("data", help="datasets: list | get <name> | check <name> | unpin <name>", add_help=False)
     m = sub.add_parser("bench", help="time one training step of each ready chapter (toy and full sizes)")
     m.add_argument("chapters", nargs="*", help="chapter slugs (default: every ready chapter with a bench_case)")
     m.add_argument("--profile", choices=PROFILES + ("both",), default="both")
