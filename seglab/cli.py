@@ -129,7 +129,7 @@ TOUR_COLUMNS = ["chapter", "task", "metric", "value", "chance", "seconds"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seglab", description="seglab: a notebook-first course on segmentation methods")
     p.add_argument("--version", action="version", version=f"seglab {seglab.__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data}")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data,docs,student-copies}")
     sub.add_parser("list", help="the course map and each chapter's status")
     t = sub.add_parser("tour", help="train and evaluate every ready chapter, one table")
     t.add_argument("--profile", choices=PROFILES, default=None)
@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--seed", type=int, default=0)
     sub.add_parser("data", help="datasets: list | get <name> | check <name>", add_help=False)
+    d = sub.add_parser("docs", help="build the course website (default: _site/)")
+    d.add_argument("out", nargs="?", default="_site")
+    s = sub.add_parser("student-copies", help="student notebooks: each solution replaced by a stub")
+    s.add_argument("out")
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +186,12 @@ def _main(argv: list[str]) -> int:
     elif args.cmd == "pretrain":
         from seglab.backbones import pretrain_toy
         print(f"saved {pretrain_toy(args.name, seed=args.seed)}")
+    elif args.cmd == "docs":
+        from seglab.course import docs_cli
+        return docs_cli([args.out])
+    elif args.cmd == "student-copies":
+        from seglab.course import student_copies_cli
+        return student_copies_cli([args.out])
     else:
         _parser().print_help()
     return 0
