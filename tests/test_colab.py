@@ -2,6 +2,7 @@
 each rule failing on its fixture in tests/fixtures/ (regenerate them with tests/fixtures/make_fixtures.py), the fixer,
 the GPU metadata surviving nbdev_clean, and student copies."""
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,3 +110,49 @@ def test_student_copies_cli_covers_every_chapter(tmp_path):
         assert copy.exists(), copy
         assert not [c for c in nbformat.read(copy, as_version=4).cells if is_solution(c)]
     assert student_copies(tmp_path / "again", root=ROOT).keys() == {p.relative_to(ROOT / "nbs").as_posix() for p in chapters}
+
+
+# ---- Colab resolution (COURSE_CONVENTIONS.md §10.2) ----------------------------------------------------------------
+COLAB_CONSTRAINTS = ROOT / "tests" / "colab_constraints.txt"
+COLAB_PYTHON = "3.13"
+
+
+def _colab_pins():
+    pins = {}
+    for line in COLAB_CONSTRAINTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_colab_constraints_agree_with_the_recorded_colab_versions():
+    from test_repo import COLAB_2026_08_19
+    pins = _colab_pins()
+    assert all("+" not in v for v in pins.values()), "strip the +cuXXX local tags"
+    assert {k: pins[k] for k in COLAB_2026_08_19} == COLAB_2026_08_19
+
+
+def test_runtime_requirements_resolve_against_colab(tmp_path, request):
+    "pip resolves seglab's runtime requirements with Colab's packages as constraints, and keeps Colab's torch & numpy."
+    import os
+    import sys
+    from test_repo import settings
+    flags = set(request.config.getoption("--nbdev-flags", default="").split())
+    if not (os.environ.get("CI") or "slow" in flags):
+        pytest.skip("slow (a pip resolution against the index, about a minute): runs in CI or with SEGLAB_FLAGS=slow")
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+           "-c", str(COLAB_CONSTRAINTS), "--python-version", COLAB_PYTHON, "--implementation", "cp",
+           "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
+           "--platform", "linux_x86_64", *settings()["requirements"].split()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    missing = re.search(r"No matching distribution found for (nvidia-\S+)", r.stderr)
+    if r.returncode and missing:
+        pytest.skip(f"the reachable package index cannot resolve torch {_colab_pins()['torch']}'s CUDA-13 dependencies "
+                    f"({missing.group(1)}); Colab installs torch+cu128 from PyTorch's own index, whose metadata differs")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    for name in ("torch", "torchvision", "numpy"):
+        assert got[name].split("+")[0] == _colab_pins()[name], (name, got[name])
