@@ -170,7 +170,7 @@ TOUR_COLUMNS = ["chapter", "task", "metric", "value", "chance", "seconds"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seglab", description="seglab: a notebook-first course on segmentation methods")
     p.add_argument("--version", action="version", version=f"seglab {seglab.__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data,bench,docs,student-copies}")
     sub.add_parser("list", help="the course map and each chapter's status")
     t = sub.add_parser("tour", help="train and evaluate every ready chapter, one table")
     t.add_argument("--profile", choices=PROFILES, default=None)
@@ -189,6 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--profile", choices=PROFILES + ("both",), default="both")
     m.add_argument("--steps", type=int, default=5, help="timed steps per case (after 2 warm-up steps)")
     m.add_argument("--json", default=None, help="also write the table and the machine to this JSON file")
+    d = sub.add_parser("docs", help="build the course website (default: _site/)")
+    d.add_argument("out", nargs="?", default="_site")
+    s = sub.add_parser("student-copies", help="student notebooks: each solution replaced by a stub")
+    s.add_argument("out")
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +244,12 @@ def _main(argv: list[str]) -> int:
         profiles = PROFILES if args.profile == "both" else (args.profile,)
         rows = bench(args.chapters or None, profiles, steps=args.steps, json_path=args.json)
         print(format_table(rows, BENCH_COLUMNS) if rows else "no ready chapter defines bench_case yet")
+    elif args.cmd == "docs":
+        from seglab.course import docs_cli
+        return docs_cli([args.out])
+    elif args.cmd == "student-copies":
+        from seglab.course import student_copies_cli
+        return student_copies_cli([args.out])
     else:
         _parser().print_help()
     return 0
