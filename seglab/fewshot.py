@@ -5,6 +5,8 @@
 # %% ../nbs/00_foundations/08_fewshot.ipynb #0c5e703c
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 import torch
@@ -133,7 +135,8 @@ def bank_episodes(bank: dict, batch: int, seed: int = 0, n_batches: int = 100):
 def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False, workers: int = 0):
     """K-shot `episodes` in batches of `episode_features` with `support_masks`, `query_mask` and `class_id`
     (fp16 features with `half`, e.g. to keep a test set in memory and evaluate it many times). `workers` > 0 loads
-    the episodes in that many DataLoader processes (real images), in order."""
+    the episodes in that many DataLoader processes (at most one per CPU core), in order."""
+    workers = min(workers, os.cpu_count() or 1)
     device = next(encoder.parameters()).device
     chunks = (collate([episodes[j] for j in range(i, min(i + batch, len(episodes)))])
               for i in range(0, len(episodes), batch)) if workers == 0 else \
@@ -249,8 +252,9 @@ class ImageDrivenEpisodes(torch.utils.data.Dataset):
                               class_name=self.dataset.class_names[c]))
 
 def epoch_loader(dataset, batch: int, seed: int = 0, workers: int = 0):
-    "`seglab.engine.loader_factory` over an episode dataset, calling its `set_epoch` (if any) before each pass."
-    make = loader_factory(dataset, batch, seed=seed, num_workers=workers, collate_fn=collate)
+    """`seglab.engine.loader_factory` over an episode dataset, calling its `set_epoch` (if any) before each pass;
+    `workers` DataLoader processes, at most one per CPU core."""
+    make = loader_factory(dataset, batch, seed=seed, num_workers=min(workers, os.cpu_count() or 1), collate_fn=collate)
     def loader(epoch: int):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)

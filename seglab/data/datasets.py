@@ -164,7 +164,7 @@ class VOCSegmentation(Dataset):
     def _split_ids(self) -> list[str]:
         if self.list_file is not None:
             require(self.list_file.parent, "pascal5i", [self.list_file.name],
-                    manual=f"Fetch PFENet's lists with `seglab data get pascal5i` or pass an existing list_file")
+                    manual="Fetch PFENet's lists with `seglab data get pascal5i` or pass an existing list_file")
             return read_list(self.list_file)
         if "+" in self.split:                     # e.g. "train+val": the lists concatenated
             return [i for part in self.split.split("+") for i in self._split_ids_of(part)]

@@ -18,7 +18,7 @@ from ..engine import History, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
                             episode_features, fb_iou, feature_batches, feature_mask, image_bank)
 from ..metrics import FewShotIoU
-from ..toyworld import FOLDS, FewShotEpisodes, collate
+from ..toyworld import FOLDS, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet', 'build_model', 'seg_ce',
