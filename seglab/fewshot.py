@@ -5,6 +5,8 @@
 # %% ../nbs/00_foundations/08_fewshot.ipynb #0c5e703c
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 import torch
@@ -13,14 +15,15 @@ import torch.nn.functional as F
 
 from .backbones import (_binary_mask, clip_features, cnn_features, cnn_stages, masked_average_pooling, resnet,
                               toy_clip, toy_cnn)
-from .engine import derive_seed
+from .data.datasets import FewShotSegEpisodes, binary_target, resize_image, resize_mask
+from .engine import derive_seed, loader_factory
 from .metrics import FewShotIoU
 from .toyworld import collate
 
 # %% auto #0
-__all__ = ['SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask', 'build_encoder',
-           'episode_features', 'image_bank', 'bank_episodes', 'feature_batches', 'fb_iou', 'swap_supports',
-           'swap_check', 'matching_probe']
+__all__ = ['IMAGENET_MEAN', 'SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask',
+           'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches', 'train_augment',
+           'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports', 'swap_check', 'matching_probe']
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #3c523842
 def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -129,16 +132,134 @@ def bank_episodes(bank: dict, batch: int, seed: int = 0, n_batches: int = 100):
     return lambda epoch: batches(torch.Generator().manual_seed(derive_seed(seed, epoch)))
 
 @torch.no_grad()
-def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False):
+def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False, workers: int = 0):
     """K-shot `episodes` in batches of `episode_features` with `support_masks`, `query_mask` and `class_id`
-    (fp16 features with `half`, e.g. to keep a test set in memory and evaluate it many times)."""
+    (fp16 features with `half`, e.g. to keep a test set in memory and evaluate it many times). `workers` > 0 loads
+    the episodes in that many DataLoader processes (at most one per CPU core), in order."""
+    workers = min(workers, os.cpu_count() or 1)
     device = next(encoder.parameters()).device
-    for i in range(0, len(episodes), batch):
-        b = collate([episodes[j] for j in range(i, min(i + batch, len(episodes)))])
+    chunks = (collate([episodes[j] for j in range(i, min(i + batch, len(episodes)))])
+              for i in range(0, len(episodes), batch)) if workers == 0 else \
+        torch.utils.data.DataLoader(episodes, batch, shuffle=False, num_workers=workers, collate_fn=collate)
+    for b in chunks:
         f = episode_features(encoder, b["query_image"].to(device), b["support_images"].to(device),
                              b["support_masks"].to(device))
         yield dict({k: v.half() if half else v for k, v in f.items()}, support_masks=b["support_masks"],
                    query_mask=b["query_mask"], class_id=torch.as_tensor(b["class_id"]))
+
+# %% ../nbs/00_foundations/08_fewshot.ipynb #908354b4
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+def _rotate(image: torch.Tensor, mask: torch.Tensor, degrees: float, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    "Rotate image [3,H,W] (bilinear) and mask [H,W] (nearest) about the centre; new pixels: `fill` and 255."
+    H, W = mask.shape
+    a = torch.tensor(degrees * torch.pi / 180)
+    theta = torch.tensor([[a.cos(), -a.sin() * H / W, 0.0], [a.sin() * W / H, a.cos(), 0.0]])[None]
+    grid = F.affine_grid(theta, (1, 1, H, W), align_corners=False)
+    fill = torch.tensor(fill, dtype=image.dtype)[:, None, None]
+    image = F.grid_sample((image - fill)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + fill
+    shifted = F.grid_sample((mask + 1).float()[None, None], grid, mode="nearest", padding_mode="zeros",
+                            align_corners=False)[0, 0].long()               # 0 = outside the source image
+    return image, torch.where(shifted == 0, torch.full_like(shifted, 255), shifted - 1)
+
+def _gaussian_blur(image: torch.Tensor, k: int = 5) -> torch.Tensor:
+    "A k x k Gaussian blur (sigma as OpenCV picks it for k), reflected borders."
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(k, dtype=image.dtype) - (k - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(image.shape[0], 1, k, k)
+    return F.conv2d(F.pad(image[None], [k // 2] * 4, mode="reflect"), w, groups=image.shape[0])[0]
+
+def train_augment(image: torch.Tensor, mask: torch.Tensor, size: int, generator: torch.Generator | None = None,
+                  scale=(0.9, 1.1), rotate=(-10.0, 10.0), p_rotate: float = 0.5, p_blur: float = 0.5,
+                  p_flip: float = 0.5, keep: float = 0.85, tries: int = 30, fill=IMAGENET_MEAN):
+    """PFENet/SCL's training augmentation of one image [3,H,W] in [0,1] and its binary mask [H,W] (1, 0, 255), in
+    their order: resize so the longer side is `size` (the official 473 crops come from ~500 px VOC images), random
+    scale in `scale`; with probability `p_rotate` a rotation in `rotate` degrees; a 5x5 Gaussian blur (`p_blur`); a
+    horizontal flip (`p_flip`); pad to `size` (image: the ImageNet mean, mask: 255) and a random `size` x `size` crop,
+    redrawn up to `tries` times while it keeps less than `keep` of the foreground. Returns (image, mask)."""
+    u = lambda: float(torch.rand((), generator=generator))
+    H, W = mask.shape
+    s = size / max(H, W) * (scale[0] + (scale[1] - scale[0]) * u())
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    if u() < p_rotate:
+        image, mask = _rotate(image, mask, rotate[0] + (rotate[1] - rotate[0]) * u(), fill)
+    if u() < p_blur:
+        image = _gaussian_blur(image)
+    if u() < p_flip:
+        image, mask = image.flip(-1), mask.flip(-1)
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        pad = [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+        fill_t = torch.tensor(fill, dtype=image.dtype)[:, None, None]
+        image = F.pad(image - fill_t, pad) + fill_t
+        mask = F.pad(mask, pad, value=255)
+    h, w = mask.shape
+    total = int((mask == 1).sum())
+    for _ in range(tries + 1):
+        y, x = int(torch.randint(h - size + 1, (), generator=generator)), int(torch.randint(w - size + 1, (), generator=generator))
+        crop = mask[y:y + size, x:x + size]
+        if int((crop == 1).sum()) >= keep * total:
+            break
+    return image[:, y:y + size, x:x + size], crop
+
+class ImageDrivenEpisodes(torch.utils.data.Dataset):
+    """1-way K-shot training episodes drawn as PFENet/SCL draw them (image-driven): item i is the i-th image holding
+    a training class of `fold` above the area threshold; each draw picks one of those classes at random and K supports
+    of it from other images, and augments every image independently (`train_augment`; `augment=False`: resized to
+    `size` x `size`). Frequent classes get more episodes, unlike the class-balanced `FewShotSegEpisodes`. The draws
+    depend on (`seed`, epoch, i) only: call `set_epoch` at each pass (`epoch_loader` does). `episode_kw` go to the
+    `FewShotSegEpisodes` that indexes the classes (`benchmark`, `min_area`, `index_cache`, ...)."""
+    def __init__(self, dataset, fold: int = 0, shots: int = 1, size: int = 321, seed: int = 0, augment: bool = True,
+                 **episode_kw):
+        index = FewShotSegEpisodes(dataset, fold, shots, "train", n_episodes=0, seed=seed, **episode_kw)
+        self.dataset, self.fold, self.shots, self.size, self.seed, self.augment = dataset, fold, shots, size, seed, augment
+        self.benchmark, self.epoch = index.benchmark, 0
+        self.by_class = {c: pool for c, pool in sorted(index.by_class.items()) if len(pool) > shots}
+        classes_of = {}
+        for c, pool in self.by_class.items():
+            for i in pool:
+                classes_of.setdefault(i, []).append(c)
+        self.images, self.classes_of = sorted(classes_of), classes_of
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    def _load(self, j: int, c: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.dataset[j]
+        image, mask = x["image"], binary_target(x["mask"], c)
+        if self.augment:
+            return train_augment(image, mask, self.size, g)
+        return resize_image(image, (self.size, self.size)), resize_mask(mask, (self.size, self.size))
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+        q = self.images[i]
+        c = self.classes_of[q][int(torch.randint(len(self.classes_of[q]), (), generator=g))]
+        pool = [j for j in self.by_class[c] if j != q]
+        sup = [pool[int(k)] for k in torch.randperm(len(pool), generator=g)[:self.shots]]
+        qi, qm = self._load(q, c, g)
+        s = [self._load(j, c, g) for j in sup]
+        return dict(support_images=torch.stack([x for x, _ in s]), support_masks=torch.stack([m for _, m in s]),
+                    query_image=qi, query_mask=qm, class_id=c,
+                    meta=dict(id=f"{self.benchmark}{self.fold}-train-e{self.epoch}-{i}", dataset=self.dataset.name,
+                              class_name=self.dataset.class_names[c]))
+
+def epoch_loader(dataset, batch: int, seed: int = 0, workers: int = 0):
+    """`seglab.engine.loader_factory` over an episode dataset, calling its `set_epoch` (if any) before each pass;
+    `workers` DataLoader processes, at most one per CPU core."""
+    make = loader_factory(dataset, batch, seed=seed, num_workers=min(workers, os.cpu_count() or 1), collate_fn=collate)
+    def loader(epoch: int):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        return make(epoch)
+    return loader
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #609ae858
 def fb_iou(pred: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

@@ -171,17 +171,21 @@ def voc_boxes(xml_path: Path, class_names=VOC_CLASSES) -> tuple[torch.Tensor, to
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64)
 
 class VOCSegmentation(Dataset):
-    "PASCAL VOC 2012 semantic segmentation (`train`/`val`/`trainval`, or SBD-augmented `train_aug`)."
+    """PASCAL VOC 2012 semantic segmentation (`train`/`val`/`trainval`, or SBD-augmented `train_aug`). `list_file`:
+    a list that replaces the split's ids (one id per line, or PFENet-style `JPEGImages/x.jpg SegmentationClassAug/x.png`
+    lines, e.g. PFENet/SCL's 5,953-image `voc_sbd_merge_noduplicate.txt` from `seglab data get pascal5i`); its masks
+    default to `SegmentationClassAug`."""
     ignore_index = 255
     def __init__(self, root=None, split: str = "train", masks: str | None = None, scribble: bool | str | Path = False,
-                 instances: bool = False, aug_root=None, name: str = "voc2012"):
+                 instances: bool = False, aug_root=None, name: str = "voc2012", list_file: str | Path | None = None):
         self.top = dataset_root(name, root)
         self.root = nested(self.top, "VOCdevkit/VOC2012", "VOC2012")
         self.name, self.split, self.want_instances = name, split, instances
         self.class_names, self.num_classes = VOC_CLASSES, len(VOC_CLASSES)
         self.aug_root = Path(aug_root) if aug_root else self.top.parent / "voc_aug"
         require(self.root, name, ["JPEGImages"], top=self.top)
-        masks = masks or ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
+        self.list_file = None if list_file is None else Path(list_file).expanduser()
+        masks = masks or ("SegmentationClassAug" if split == "train_aug" or list_file is not None else "SegmentationClass")
         self.mask_dir = find_subdir(self.root, [masks]) or find_subdir(self.aug_root, [masks]) or self.root / masks
         if not self.mask_dir.is_dir() and masks == "SegmentationClassAug":
             require(self.aug_root, "voc_aug", [masks])
@@ -202,6 +206,10 @@ class VOCSegmentation(Dataset):
         return folder
 
     def _split_ids(self) -> list[str]:
+        if self.list_file is not None:
+            require(self.list_file.parent, "pascal5i", [self.list_file.name],
+                    manual="Fetch PFENet's lists with `seglab data get pascal5i` or pass an existing list_file")
+            return read_list(self.list_file)
         if "+" in self.split:                     # e.g. "train+val": the lists concatenated
             return [i for part in self.split.split("+") for i in self._split_ids_of(part)]
         return self._split_ids_of(self.split)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -13,16 +14,16 @@ import torch.nn.functional as F
 
 from ..backbones import masked_average_pooling, masked_support_prior
 from ..config import get_device, pick, seed_everything
-from ..engine import History, fit, loader_factory, lr_schedule, to_device
-from ..fewshot import (FrozenEncoder, bank_episodes, build_encoder, episode_features, fb_iou, feature_batches,
-                            feature_mask, image_bank)
+from ..engine import History, fit, lr_schedule, to_device
+from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
+                            episode_features, fb_iou, feature_batches, feature_mask, image_bank)
 from ..metrics import FewShotIoU
-from ..toyworld import FOLDS, FewShotEpisodes, collate
+from ..toyworld import FOLDS, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet', 'build_model', 'seg_ce',
-           'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids', 'make_episodes', 'train', 'evaluate',
-           'chance', 'tour']
+           'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids', 'semantic_dataset', 'make_episodes',
+           'train', 'evaluate_runs', 'evaluate', 'chance', 'tour']
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6755e168
 def conv(cin: int, cout: int, k: int = 1) -> nn.Sequential:
@@ -155,7 +156,8 @@ def train_step(model: SCLNet, batch: dict, aux_weight: float = 1.0) -> dict:
 @torch.no_grad()
 def predict_kshot(model: SCLNet, f: dict, support_masks: torch.Tensor, fusion: str = "cgm") -> dict:
     """K-shot prediction with the 1-shot weights from `episode_features` `f` and masks [B,K,H,W]: fused `logits`
-    [B,2,H,W], the shot weights `U` [B,K] (`fusion='cgm'`) or ones (`'mean'`), and per-shot `logits_k`."""
+    [B,2,H,W], the shot scores `U` [B,K] (`fusion='cgm'`) or ones (`'mean'`), the normalised fusion `weights` [B,K],
+    and per-shot `logits_k`."""
     if fusion not in ("cgm", "mean"):
         raise ValueError(f"fusion must be 'cgm' (cross-guided) or 'mean' (plain average), got {fusion!r}")
     B, K = support_masks.shape[:2]
@@ -176,7 +178,8 @@ def predict_kshot(model: SCLNet, f: dict, support_masks: torch.Tensor, fusion: s
             U[:, k] = fb_iou(pred, masks).unflatten(0, (B, K)).mean(1)
     w = U / U.sum(1, keepdim=True).clamp_min(1e-6)
     fused = (w[:, :, None, None, None] * logits).sum(1)
-    return dict(logits=F.interpolate(fused, size=(H, W), mode="bilinear", align_corners=True), U=U, logits_k=logits)
+    return dict(logits=F.interpolate(fused, size=(H, W), mode="bilinear", align_corners=True), U=U, weights=w,
+                logits_k=logits)
 
 def predict(model: SCLNet, query_image: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor,
             fusion: str = "cgm") -> dict:
@@ -186,78 +189,118 @@ def predict(model: SCLNet, query_image: torch.Tensor, support_images: torch.Tens
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6077db25
 CONFIG = dict(
-    common=dict(fold=0, seed=0, aux_weight=1.0, eps=5e-4, self_guided=True, shots=5,
+    common=dict(fold=0, seed=0, aux_weight=1.0, eps=5e-4, self_guided=True, shots=5, ckpt_every=100,
                 difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0,  # ToyWorld episode knobs
                 query_distractors=2, support_colour=1.0),       # (the full profile ignores them)
-    toy=dict(backbone="toy_clip", pretrained=True, size=64, input_size=128, reduce_dim=32, bins=(16, 8, 4),
-             dropout=0.5, optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch=8, steps=300, n_train=150,
-             train_shots=2, n_test=60, amp=False, data_root=None),
-    full=dict(backbone="resnet50", pretrained=True, size=321, input_size=321, reduce_dim=256, bins=(41, 21, 11, 6),
-              dropout=0.5, optimizer="sgd", lr=2.5e-3, weight_decay=1e-4, batch=8, steps=5000, n_train=40000,
-              train_shots=1, n_test=1000, amp=True, data_root=None),
+    toy=dict(benchmark="toyworld", backbone="toy_clip", pretrained=True, size=64, input_size=128, reduce_dim=32,
+             bins=(16, 8, 4), dropout=0.5, optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch=8, steps=300,
+             n_train=150, train_shots=2, n_test=60, amp=False, augment=False, workers=0, train_list=None,
+             data_root=None),
+    full=dict(benchmark="pascal", train_list="voc_sbd_merge_noduplicate.txt", backbone="resnet50", pretrained=True,
+              size=321, input_size=321, reduce_dim=256, bins=(41, 21, 11, 6), dropout=0.5, optimizer="sgd", lr=2.5e-3,
+              weight_decay=1e-4, batch=8, steps=5000, n_train=None, train_shots=1, n_test=1000,
+              amp=None,  # fp16 (+ scaler) on a GPU, off on a CPU (bf16 autocast there: a ResNet-50 pass >15x slower)
+              augment=True, workers=4, data_root=None),
 )
 
 def fold_class_ids(cfg) -> list[int]:
-    "The held-out (test) class ids of `cfg.fold`: ToyWorld's `FOLDS`, or PASCAL-5i's 5 classes."
-    if cfg.profile == "toy":
+    "The held-out (test) class ids of `cfg.fold`: ToyWorld's `FOLDS`, or the 5 / 20 classes of PASCAL-5i / COCO-20i."
+    if cfg.benchmark == "toyworld":
         return FOLDS[cfg.fold]
     from seglab.data.datasets import fold_classes
-    return fold_classes("pascal", cfg.fold, "test")
+    return fold_classes(cfg.benchmark, cfg.fold, "test")
 
-def make_episodes(cfg, train: bool, n: int, shots: int = 1, seed: int | None = None):
-    """`n` K-shot episodes of `cfg.fold` on its training classes (`train`) or held-out classes: ToyWorld episodes
-    (a list) in the toy profile, PASCAL-5i episodes (`FewShotSegEpisodes` over VOC + SBD) in the full profile."""
+def semantic_dataset(cfg, train: bool):
+    """The images behind the full profile's episodes. PASCAL: training on PFENet's 5,953-image list
+    (`cfg.train_list`, from `seglab data get pascal5i`, looked up beside `voc2012` as `voc_aug` is), testing on VOC
+    val (1,449). COCO: the 2014 train / val images (`coco2014`)."""
+    from seglab.data.datasets import COCOSegmentation, VOCSegmentation, dataset_root
+    if cfg.benchmark == "coco":
+        return COCOSegmentation(cfg.data_root, split="train" if train else "val")
+    if not train:
+        return VOCSegmentation(cfg.data_root, split="val")
+    lists = dataset_root("voc2012", cfg.data_root).parent / "pascal5i"
+    return VOCSegmentation(cfg.data_root, split="train_aug", list_file=lists / cfg.train_list)
+
+def make_episodes(cfg, train: bool, n: int | None, shots: int = 1, seed: int | None = None):
+    """K-shot episodes of `cfg.fold` on its training classes (`train`) or held-out classes. Toy: `n` ToyWorld
+    episodes (a list). Full: training episodes are `ImageDrivenEpisodes` (one per image of the list and epoch,
+    augmented when `cfg.augment`; `n` is unused), test episodes `n` fixed-seed `FewShotSegEpisodes`."""
     seed = cfg.seed + (0 if train else 1000 + shots) if seed is None else seed
-    if cfg.profile == "toy":
+    if cfg.benchmark == "toyworld":
         ds = FewShotEpisodes(n, fold=cfg.fold, shots=shots, train=train, size=cfg.size, seed=seed,
                              difficulty=cfg.difficulty, bg_similarity=cfg.bg_similarity,
                              support_lookalike=cfg.support_lookalike, query_distractors=cfg.query_distractors,
                              support_colour=cfg.support_colour)
         return [ds[i] for i in range(n)]
-    from seglab.data.datasets import FewShotSegEpisodes, VOCSegmentation
-    voc = VOCSegmentation(cfg.data_root, split="train_aug" if train else "val")
-    return FewShotSegEpisodes(voc, fold=cfg.fold, shots=shots, split="train" if train else "test", n_episodes=n,
-                              seed=seed, size=(cfg.size, cfg.size))
+    from seglab.data.datasets import FewShotSegEpisodes
+    data = semantic_dataset(cfg, train)
+    if train:
+        return ImageDrivenEpisodes(data, cfg.fold, shots, size=cfg.size, seed=seed, augment=cfg.augment,
+                                   benchmark=cfg.benchmark)
+    return FewShotSegEpisodes(data, fold=cfg.fold, shots=shots, split="test", n_episodes=n, seed=seed,
+                              size=(cfg.size, cfg.size), benchmark=cfg.benchmark)
 
-def train(cfg, data=None, callbacks=()) -> tuple[SCLNet, History]:
+def train(cfg, data=None, callbacks=(), ckpt=None) -> tuple[SCLNet, History]:
     """Train SCL (or the baseline, `cfg.self_guided=False`) for `cfg.steps` batches of 1-shot training episodes:
-    from an `image_bank` (toy; built here when `data` is None) or from an episode dataset encoded on the fly."""
+    from an `image_bank` (toy; built here when `data` is None) or from an episode dataset encoded on the fly.
+    `ckpt`: a checkpoint path, saved every `cfg.ckpt_every` steps; when the file exists the run resumes from it."""
     seed_everything(cfg.seed)
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     model = build_model(cfg)
     if data is None:
         data = make_episodes(cfg, True, cfg.n_train, cfg.train_shots)
-        data = image_bank(model.encoder, data) if cfg.profile == "toy" else data
+        data = image_bank(model.encoder, data) if cfg.benchmark == "toyworld" else data
     loader = bank_episodes(data, cfg.batch, cfg.seed) if isinstance(data, dict) else \
-        loader_factory(data, cfg.batch, seed=cfg.seed, collate_fn=collate)
+        epoch_loader(data, cfg.batch, cfg.seed, cfg.workers)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(params, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     history = fit(model, lambda m, b: train_step(m, b, cfg.aux_weight), loader, opt, steps=cfg.steps,
                   scheduler=lr_schedule(opt, cfg.steps, "poly", power=0.9), amp=cfg.amp, seed=cfg.seed,
-                  device=device, callbacks=callbacks, desc="SCL" if cfg.self_guided else "baseline")
+                  device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every,
+                  desc="SCL" if cfg.self_guided else "baseline")
     return model.eval(), history
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #41b23ce8
+def _same_encoder(models) -> nn.Module:
+    "The frozen encoder the models share (equal weights), so that it runs once for all of them."
+    encoders = [m.encoder for m in models]
+    ref = encoders[0].state_dict()
+    for e in encoders[1:]:
+        sd = e.state_dict()
+        if e is not encoders[0] and (sd.keys() != ref.keys() or any(not torch.equal(sd[k], ref[k]) for k in ref)):
+            raise ValueError("these models have different frozen encoders: evaluate them separately")
+    return encoders[0]
+
 @torch.no_grad()
-def evaluate(model: SCLNet, cfg, data=None, shots: int = 1, fusion: str = "cgm") -> dict:
-    """Few-shot mIoU (over the fold's held-out classes) and FB-IoU. `data`: K-shot test episodes, or their cached
+def evaluate_runs(runs: dict, cfg, data=None) -> dict:
+    """Several evaluations in one pass over the test episodes, which are encoded once: `runs` maps a name to
+    `(model, shots, fusion)` (models with the same frozen encoder). `data`: K-shot test episodes, or their cached
     `feature_batches`. `shots=1` scores every support as its own 1-shot episode; `shots>1` fuses the first `shots`
-    with `fusion` ('cgm' or 'mean')."""
-    model.eval()
-    device = next(model.decoder.parameters()).device
+    with `fusion` ('cgm' or 'mean'). Returns name -> few-shot mIoU (over the fold's held-out classes) and FB-IoU."""
+    models = [m for m, _, _ in runs.values()]
+    for m in models:
+        m.eval()
+    device = next(models[0].decoder.parameters()).device
     data = make_episodes(cfg, False, cfg.n_test, cfg.shots) if data is None else data
-    batches = data if isinstance(data, list) and "mid_q" in data[0] else feature_batches(model.encoder, data)
-    meter = FewShotIoU(fold_class_ids(cfg))
+    batches = data if isinstance(data, list) and "mid_q" in data[0] else \
+        feature_batches(_same_encoder(models), data, workers=cfg.get("workers", 0))
+    meters = {name: FewShotIoU(fold_class_ids(cfg)) for name in runs}
     for b in batches:
         b = to_device(b, device)
         K = b["support_masks"].shape[1]
-        views = [slice(k, k + 1) for k in range(K)] if shots == 1 else [slice(0, shots)]
-        for sl in views:
-            f = dict(mid_q=b["mid_q"], high_q=b["high_q"], mid_s=b["mid_s"][:, sl], high_s=b["high_s"][:, sl])
-            out = predict_kshot(model, f, b["support_masks"][:, sl], fusion)
-            meter.update(out["logits"].argmax(1).cpu(), b["query_mask"].cpu(), b["class_id"].cpu())
-    return meter.compute()
+        for name, (model, shots, fusion) in runs.items():
+            views = [slice(k, k + 1) for k in range(K)] if shots == 1 else [slice(0, shots)]
+            for sl in views:
+                f = dict(mid_q=b["mid_q"], high_q=b["high_q"], mid_s=b["mid_s"][:, sl], high_s=b["high_s"][:, sl])
+                out = predict_kshot(model, f, b["support_masks"][:, sl], fusion)
+                meters[name].update(out["logits"].argmax(1).cpu(), b["query_mask"].cpu(), b["class_id"].cpu())
+    return {name: meter.compute() for name, meter in meters.items()}
+
+def evaluate(model: SCLNet, cfg, data=None, shots: int = 1, fusion: str = "cgm") -> dict:
+    "`evaluate_runs` of one model: few-shot mIoU (over the fold's held-out classes) and FB-IoU."
+    return evaluate_runs({"model": (model, shots, fusion)}, cfg, data)["model"]
 
 def chance(cfg, data) -> dict:
     "Few-shot mIoU / FB-IoU of labelling every query pixel foreground."
@@ -267,19 +310,27 @@ def chance(cfg, data) -> dict:
     return meter.compute()
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #e48752ce
-def tour(profile: str | None = "toy") -> dict:
-    "Train the masked-GAP baseline and SCL in `profile`; SCL's held-out 1-shot mIoU beside chance, baseline and 5-shot."
+def tour(profile: str | None = "toy", ckpt=None) -> dict:
+    """Train SCL and the masked-GAP baseline in `profile`; SCL's held-out 1-shot mIoU beside chance, baseline and
+    5-shot. `ckpt`: SCL's checkpoint path (the baseline's is `<stem>-baseline<suffix>` beside it); an existing file
+    resumes. A run that starts SCL afresh deletes a stale baseline checkpoint, which belongs to an older run."""
     cfg = pick(CONFIG, profile)
     t0 = time.time()
     data, test = make_episodes(cfg, True, cfg.n_train, cfg.train_shots), make_episodes(cfg, False, cfg.n_test, cfg.shots)
-    if cfg.profile == "toy":  # the frozen encoder runs once per image
+    if cfg.benchmark == "toyworld":  # the frozen encoder runs once per image
         encoder = build_encoder(cfg)
         data, test = image_bank(encoder, data), list(feature_batches(encoder, test, half=True))
-    base, _ = train(cfg.replace(self_guided=False), data)
-    scl, _ = train(cfg.replace(self_guided=True), data)
-    r = evaluate(scl, cfg, test)
-    return dict(metric="mIoU (1-shot, held-out classes)", value=r["miou"], chance=chance(cfg, test)["miou"],
-                fb_iou=r["fb_iou"], baseline=evaluate(base, cfg, test)["miou"],
-                kshot_cgm=evaluate(scl, cfg, test, shots=cfg.shots, fusion="cgm")["miou"],
-                kshot_mean=evaluate(scl, cfg, test, shots=cfg.shots, fusion="mean")["miou"],
-                steps=cfg.steps, profile=cfg.profile, seconds=round(time.time() - t0, 1))
+    base_ckpt = None
+    if ckpt is not None:
+        ckpt = Path(ckpt)
+        base_ckpt = ckpt.with_name(f"{ckpt.stem}-baseline{ckpt.suffix}")
+        if not ckpt.exists():
+            base_ckpt.unlink(missing_ok=True)
+    scl, _ = train(cfg.replace(self_guided=True), data, ckpt=ckpt)
+    base, _ = train(cfg.replace(self_guided=False), data, ckpt=base_ckpt)
+    r = evaluate_runs(dict(scl=(scl, 1, "cgm"), baseline=(base, 1, "mean"), cgm=(scl, cfg.shots, "cgm"),
+                           mean=(scl, cfg.shots, "mean")), cfg, test)
+    return dict(metric="mIoU (1-shot, held-out classes)", value=r["scl"]["miou"], chance=chance(cfg, test)["miou"],
+                fb_iou=r["scl"]["fb_iou"], baseline=r["baseline"]["miou"], kshot_cgm=r["cgm"]["miou"],
+                kshot_mean=r["mean"]["miou"], steps=cfg.steps, profile=cfg.profile,
+                seconds=round(time.time() - t0, 1))
