@@ -230,3 +230,12 @@ def test_full_config_one_step_on_real_acdc_sample():
     assert {"sup", "cps", "cps2", "abd_i"} <= set(rec[0]) and np.isfinite(rec[0]["loss"]) and "val_dice" in rec[-1]
     scores = abd.evaluate(run["model"], cfg, [data["volumes"][0]])
     assert 0 <= scores["dice"] <= 1
+
+
+def test_tour_forwards_ckpt(tmp_path, monkeypatch):
+    small = dict(abd.CONFIG["toy"], n_train=3, slices=4, n_volumes=1, channels=(4, 8, 8, 8, 8), batch_l=2, batch_u=2,
+                 iters=2, log_every=1)
+    monkeypatch.setitem(abd.CONFIG, "toy", small)
+    out = abd.tour("toy", ckpt=tmp_path / "abd-toy.pt")
+    assert (tmp_path / "abd-toy.pt").is_file() and (tmp_path / "abd-toy-labelled-only.pt").is_file()
+    assert {"metric", "value", "chance", "labelled_only"} <= set(out)
