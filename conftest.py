@@ -5,7 +5,8 @@
    (`slow gpu download`) are skipped unless enabled with `--nbdev-flags` / `SEGLAB_FLAGS`; `#| eval: false`
    cells and `nbdev_export(` cells are always skipped.
 3. nbval reports a timed-out cell without a traceback as passed; we turn that into a failure.
-4. Test-run defaults for the notebook kernels (they inherit this process's environment).
+4. Test-run defaults for the notebook kernels (they inherit this process's environment), including
+   `OMP_WAIT_POLICY=PASSIVE`, which OpenMP reads only at start-up; seglab's thread policy for this process.
 5. A per-notebook wall-time table at the end of the run, against the 90 s chapter budget.
 """
 import configparser
@@ -17,10 +18,20 @@ import pytest
 
 ROOT = Path(__file__).parent
 for _k, _v in {"IN_TEST": "1", "SEGLAB_PROFILE": "toy", "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
-               "IPYTHONDIR": str(ROOT / "tests" / "ipython"), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}.items():
+               "IPYTHONDIR": str(ROOT / "tests" / "ipython"), "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+               "OMP_WAIT_POLICY": "PASSIVE"}.items():
     os.environ.setdefault(_k, _v)
 
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)(?::\s*(.*))?$", re.M)
+
+
+def pytest_configure(config):
+    "Apply seglab's thread policy to this process too (plain test files run in the pytest workers)."
+    try:
+        from seglab.config import set_threads
+    except ImportError:  # seglab not installed: the notebooks will say so
+        return
+    set_threads()
 
 
 def pytest_addoption(parser):

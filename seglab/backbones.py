@@ -5,7 +5,6 @@
 # %% ../nbs/00_foundations/03_backbones.ipynb #058d59f3
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -26,9 +25,9 @@ from .config import atomic_path, cache_root, seed_everything, sha256sum
 # %% auto #0
 __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EFFICIENTNET_LITE0_SHA256', 'EFFICIENTNET_NORM',
            'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained', 'normalize',
-           'dino_vit', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0', 'cnn_stages', 'cnn_features',
-           'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features', 'clip_text_classifier',
-           'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior', 'cached_features',
+           'dino_vit', 'attention_logits', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0',
+           'cnn_stages', 'cnn_features', 'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features',
+           'clip_text_classifier', 'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior',
            'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
            'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points', 'features_at',
            'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
@@ -78,8 +77,8 @@ def dino_vit(name: str = "vit_small_patch8_224.dino", pretrained: bool = True) -
                                                       dynamic_img_size=True), name)
     return _frozen(model, IMAGENET_NORM)
 
-def self_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    "Head-averaged attention `softmax(q k^T * scale)` `[B,N,N]` of a timm `Attention` or a batch-first `nn.MultiheadAttention` on tokens `x` `[B,N,C]`."
+def attention_logits(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "Per-head pre-softmax attention logits `q k^T * scale` `[B,heads,N,N]` of a timm `Attention` or a batch-first `nn.MultiheadAttention` on tokens `x` `[B,N,C]`."
     B, N, C = x.shape
     if isinstance(attn, nn.MultiheadAttention):
         heads = attn.num_heads
@@ -90,7 +89,14 @@ def self_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         scale = attn.scale
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    return (q * scale) @ k.transpose(-2, -1)
+
+def self_attention(attn: nn.Module, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+    """Head-averaged attention `[B,N,N]` of a timm `Attention` or a batch-first `nn.MultiheadAttention` on tokens `x`
+    `[B,N,C]`: the probabilities `softmax(q k^T * scale)`, or with `logits=True` the pre-softmax logits `q k^T * scale`
+    (what HP's local hidden positives read)."""
+    a = attention_logits(attn, x)
+    return (a if logits else a.softmax(dim=-1)).mean(dim=1)
 
 def _grid(images: torch.Tensor, patch: int) -> tuple[int, int]:
     H, W = images.shape[-2:]
@@ -107,17 +113,23 @@ def _attn_out(a: torch.Tensor, prefix: int, hw: tuple[int, int]) -> dict:
     "Patch-to-patch attention `[B,hw,hw]` (prefix tokens removed) and the CLS row as a map `[B,h,w]`."
     return dict(attn=a[:, prefix:, prefix:], cls_attn=a[:, 0, prefix:].reshape(-1, *hw))
 
-def vit_features(model: VisionTransformer, images: torch.Tensor, blocks=(), attn: bool = False) -> dict:
+def vit_features(model: VisionTransformer, images: torch.Tensor, blocks=(), attn: bool = False,
+                 attn_logits: bool = False) -> dict:
     """Dense features of a timm ViT on [0,1] `images` `[B,3,H,W]`:
     `patch` [B,D,h,w] (last block, final norm), `cls` [B,D], `blocks` {i: [B,D,h,w]} raw tokens after block i,
-    and with `attn`: `attn` [B,hw,hw] and `cls_attn` [B,h,w] (last block, head-averaged, CLS removed)."""
+    with `attn`: `attn` [B,hw,hw] and `cls_attn` [B,h,w] (last block, head-averaged softmax, CLS removed), and with
+    `attn_logits`: `attn_logits` [B,hw,hw] (last block, head-averaged pre-softmax logits, CLS removed)."""
     hw = _grid(images, model.patch_embed.patch_size[0])
     x = model.patch_embed(normalize(model, images))
     x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
     out, npt, last = dict(blocks={}), model.num_prefix_tokens, len(model.blocks) - 1
     for i, blk in enumerate(model.blocks):
-        if attn and i == last:
-            out.update(_attn_out(self_attention(blk.attn, blk.norm1(x)), npt, hw))
+        if (attn or attn_logits) and i == last:
+            a = attention_logits(blk.attn, blk.norm1(x))
+            if attn:
+                out.update(_attn_out(a.softmax(dim=-1).mean(dim=1), npt, hw))
+            if attn_logits:
+                out["attn_logits"] = a.mean(dim=1)[:, npt:, npt:]
         x = blk(x)
         if i in blocks:
             out["blocks"][i] = _to_map(x[:, npt:], hw)
@@ -276,25 +288,6 @@ def masked_support_prior(query_feats: torch.Tensor, support_feats: torch.Tensor,
     cos = torch.einsum("bcq,bcs->bqs", q, s).amax(dim=2)
     lo, hi = cos.amin(1, keepdim=True), cos.amax(1, keepdim=True)
     return ((cos - lo) / (hi - lo + eps)).reshape(B, *query_feats.shape[-2:])
-
-# %% ../nbs/00_foundations/03_backbones.ipynb #5ded8836
-def _slug(text: str) -> str:
-    "A file-name-safe version of `text`, with a short hash so that different texts never collide."
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text))[:80]
-    return f"{safe}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
-
-def cached_features(model_name: str, size, image_id: str, compute, root: str | Path | None = None) -> dict:
-    "Features `{key: tensor}` of one image from the fp16 cache, else `compute()` them (dict or tensor) and store them."
-    size = "x".join(map(str, size)) if isinstance(size, (tuple, list)) else str(size)
-    path = Path(root or cache_root() / "features") / _slug(model_name) / size / f"{_slug(image_id)}.pt"
-    if path.exists():
-        feats = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        out = compute()
-        feats = {k: v.detach().cpu().half() for k, v in (out if isinstance(out, dict) else {"feats": out}).items()}
-        with atomic_path(path) as tmp:
-            torch.save(feats, tmp)
-    return {k: v.float() for k, v in feats.items()}
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64

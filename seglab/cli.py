@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import seglab
-from .config import PROFILES, banner, get_profile
+from .config import PROFILES, banner, cache_root, get_profile
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'TOUR_COLUMNS', 'Chapter', 'UsageError', 'get_chapter', 'format_table', 'course_table', 'run_chapter',
-           'tour', 'main']
+__all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_COLUMNS', 'Chapter', 'UsageError', 'user_error', 'one_line', 'get_chapter',
+           'format_table', 'course_table', 'checkpoint_path', 'run_chapter', 'tour', 'main']
 
 # %% ../nbs/00_foundations/07_cli.ipynb #8f925e14
 @dataclass(frozen=True)
@@ -74,6 +76,23 @@ CHAPTERS = [
 class UsageError(ValueError):
     "A mistake in what the user asked for; the CLI prints it without a traceback."
 
+# errors that are the user's to fix, by (module, class): missing data or weights, an unusable device, a damaged
+# checkpoint. Looked up only in modules already imported (an error of a module never imported cannot occur).
+USER_ERRORS = [("seglab.config", "DeviceError"), ("seglab.engine", "CheckpointError"),
+               ("seglab.backbones", "WeightsUnavailableError"), ("seglab.data.datasets", "DatasetNotFoundError"),
+               ("seglab.data.download", "DownloadError"), ("seglab.data.download", "ManualDownloadRequired"),
+               ("seglab.data.download", "UnsafeArchiveError")]
+
+def user_error(e: BaseException) -> bool:
+    "Whether `e` is a mistake or a missing piece the user can fix (printed as one line), not a bug."
+    kinds = [UsageError] + [getattr(sys.modules[m], name) for m, name in USER_ERRORS
+                            if m in sys.modules and hasattr(sys.modules[m], name)]
+    return isinstance(e, tuple(kinds))
+
+def one_line(e: BaseException) -> str:
+    "The error's message on one line."
+    return " ".join(str(e).split()) or type(e).__name__
+
 def get_chapter(slug: str) -> Chapter:
     "The course-map entry of `slug`; an unknown slug is an error listing the valid ones."
     for ch in CHAPTERS:
@@ -97,14 +116,33 @@ def course_table() -> list[dict]:
                  status=c.status) for c in CHAPTERS]
 
 # %% ../nbs/00_foundations/07_cli.ipynb #98e891eb
-def run_chapter(slug: str, profile: str | None = None) -> dict:
-    "Train and evaluate one chapter in `profile` through its module's `tour`; returns its result row."
+def checkpoint_path(slug: str, profile: str) -> Path:
+    "Where `seglab train <slug>` keeps its run's checkpoint: `<SEGLAB_CACHE>/runs/<slug>-<profile>.pt`."
+    return cache_root() / "runs" / f"{slug}-{profile}.pt"
+
+def run_chapter(slug: str, profile: str | None = None, resume: bool | None = None) -> dict:
+    """Train and evaluate one chapter in `profile` through its module's `tour`; returns its result row. With
+    `resume=None` the run keeps no checkpoint (the tour); with False it checkpoints to `checkpoint_path` after deleting
+    a stale one; with True it continues from that checkpoint (where the chapter's `tour` takes `ckpt=`)."""
     ch, profile = get_chapter(slug), get_profile(profile)
     if ch.status != "ready":
         raise UsageError(f"chapter {slug!r} is planned but not written yet (no {ch.module_name}.tour); "
                            f"ready chapters: {', '.join(c.slug for c in CHAPTERS if c.status == 'ready')}")
+    chapter_tour = importlib.import_module(ch.module_name).tour
+    kwargs = {}
+    if resume is not None:
+        if "ckpt" in inspect.signature(chapter_tour).parameters:
+            path = checkpoint_path(slug, profile)
+            if resume:
+                print(f"resuming from {path}" if path.is_file() else f"no checkpoint at {path}: starting afresh")
+            else:
+                path.unlink(missing_ok=True)
+            kwargs["ckpt"] = str(path)
+        elif resume:
+            raise UsageError(f"chapter {slug!r} cannot resume: {ch.module_name}.tour takes no ckpt= parameter. "
+                             f"Fix: run `seglab train {slug}` without --resume.")
     t0 = time.time()
-    result = importlib.import_module(ch.module_name).tour(profile=profile)
+    result = chapter_tour(profile=profile, **kwargs)
     missing = {"metric", "value", "chance"} - set(result)
     if missing:
         raise TypeError(f"{ch.module_name}.tour must return metric, value and chance; missing {sorted(missing)}")
@@ -118,7 +156,10 @@ def tour(profile: str | None = None, only: list[str] | None = None, run=run_chap
         try:
             rows.append(run(ch.slug, profile))
         except Exception as e:  # report and go on: one broken chapter must not hide the others
-            traceback.print_exc()
+            if user_error(e):
+                print(f"seglab: {ch.slug}: {one_line(e)}", file=sys.stderr)
+            else:
+                traceback.print_exc()
             rows.append(dict(chapter=ch.slug, task=ch.task, metric="ERROR", value=f"{type(e).__name__}: {e}"[:60]))
             ok = False
     return rows, ok
@@ -129,7 +170,7 @@ TOUR_COLUMNS = ["chapter", "task", "metric", "value", "chance", "seconds"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seglab", description="seglab: a notebook-first course on segmentation methods")
     p.add_argument("--version", action="version", version=f"seglab {seglab.__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data}")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,tour,train,pretrain,data,bench}")
     sub.add_parser("list", help="the course map and each chapter's status")
     t = sub.add_parser("tour", help="train and evaluate every ready chapter, one table")
     t.add_argument("--profile", choices=PROFILES, default=None)
@@ -137,19 +178,28 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("train", help="train and evaluate one chapter")
     r.add_argument("chapter")
     r.add_argument("--profile", choices=PROFILES, default=None)
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <SEGLAB_CACHE>/runs/<chapter>-<profile>.pt")
     b = sub.add_parser("pretrain", help="rebuild a toy backbone on ToyWorld")
     b.add_argument("name")
     b.add_argument("--seed", type=int, default=0)
-    sub.add_parser("data", help="datasets: list | get <name> | check <name>", add_help=False)
+    sub.add_parser("data", help="datasets: list | get <name> | check <name> | unpin <name>", add_help=False)
+    m = sub.add_parser("bench", help="time one training step of each ready chapter (toy and full sizes)")
+    m.add_argument("chapters", nargs="*", help="chapter slugs (default: every ready chapter with a bench_case)")
+    m.add_argument("--profile", choices=PROFILES + ("both",), default="both")
+    m.add_argument("--steps", type=int, default=5, help="timed steps per case (after 2 warm-up steps)")
+    m.add_argument("--json", default=None, help="also write the table and the machine to this JSON file")
     return p
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `seglab` command: user mistakes print one clear line and exit 2."
+    "Entry point of the `seglab` command: user mistakes and missing pieces print one clear line and exit 2."
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
-    except UsageError as e:
-        print(f"seglab: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not user_error(e):
+            raise
+        print(f"seglab: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 def _main(argv: list[str]) -> int:
@@ -162,11 +212,6 @@ def _main(argv: list[str]) -> int:
             get_profile()
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.cmd in ("tour", "train") and get_profile(args.profile) == "toy":
-        # toy models are tiny: on a 2-core CPU one thread is several times faster than two
-        # (measured: ABD's toy tour 30 s with 1 thread, about 3 min with 2)
-        import torch
-        torch.set_num_threads(1)
     if args.cmd == "list":
         print(format_table(course_table(), ["part", "chapter", "method", "task", "status", "notebook"]))
     elif args.cmd == "tour":
@@ -177,11 +222,24 @@ def _main(argv: list[str]) -> int:
     elif args.cmd == "train":
         get_chapter(args.chapter)
         banner(args.profile)
-        row = run_chapter(args.chapter, args.profile)
+        row = run_chapter(args.chapter, args.profile, resume=args.resume)
         print(format_table([row], TOUR_COLUMNS))
     elif args.cmd == "pretrain":
-        from seglab.backbones import pretrain_toy
+        from seglab.backbones import TOY_NAMES, pretrain_toy
+        if args.name not in TOY_NAMES:
+            raise UsageError(f"unknown toy backbone {args.name!r}. Fix: `seglab pretrain NAME` with NAME one of "
+                             f"{', '.join(TOY_NAMES)}.")
         print(f"saved {pretrain_toy(args.name, seed=args.seed)}")
+    elif args.cmd == "bench":
+        from seglab.bench import BENCH_COLUMNS, bench
+        if args.steps < 1:
+            raise UsageError(f"--steps {args.steps}: at least one timed step is needed. Fix: --steps 5")
+        for slug in args.chapters:
+            get_chapter(slug)
+        banner()
+        profiles = PROFILES if args.profile == "both" else (args.profile,)
+        rows = bench(args.chapters or None, profiles, steps=args.steps, json_path=args.json)
+        print(format_table(rows, BENCH_COLUMNS) if rows else "no ready chapter defines bench_case yet")
     else:
         _parser().print_help()
     return 0

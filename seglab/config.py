@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'get_device', 'device_name', 'banner', 'Cfg', 'pick', 'seed_everything',
-           'in_colab', 'cache_root', 'data_root', 'sha256sum', 'atomic_path', 'reset_clock', 'run_stamp']
+__all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'thread_count',
+           'set_threads', 'Cfg', 'pick', 'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum',
+           'atomic_path', 'reset_clock', 'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -51,14 +52,30 @@ def get_profile(profile: str | None = None) -> str:
     return profile
 
 # %% ../nbs/00_foundations/00_config.ipynb #ce266253
+class DeviceError(RuntimeError):
+    "The requested device is not a device, or not present; the message names where it was asked for and the fix."
+
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "The device to run on: `device`, else `SEGLAB_DEVICE`, else CUDA when available, else CPU."
-    device = device or os.environ.get("SEGLAB_DEVICE") or ("cuda" if _cuda_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not _cuda_available():
-        raise RuntimeError(f"device {device} was requested but torch sees no CUDA GPU. "
-                           "Fix: on Colab use Runtime -> Change runtime type -> T4 GPU, or pass device='cpu'.")
-    return device
+    env = os.environ.get("SEGLAB_DEVICE", "").strip()
+    if not device and not env:
+        return torch.device("cuda" if _cuda_available() else "cpu")
+    asked, where = (device, f"device={str(device)!r}") if device else (env, f"SEGLAB_DEVICE={env!r}")
+    fix = ("Fix: `export SEGLAB_DEVICE=cpu`, or unset SEGLAB_DEVICE to use CUDA when present" if not device
+           else "Fix: pass device='cpu' (or None to use CUDA when present)")
+    try:
+        chosen = torch.device(asked)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{where} is not a device; use cpu, cuda, cuda:N or mps. {fix}.") from None
+    if chosen.type == "cuda" and not _cuda_available():
+        raise DeviceError(f"{where} asks for a CUDA GPU but torch sees none. {fix}; on Colab use Runtime -> "
+                          f"Change runtime type -> T4 GPU.")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise DeviceError(f"{where} asks for GPU {chosen.index} but torch sees {torch.cuda.device_count()} "
+                          f"(numbered from 0). {fix}, or name an existing GPU.")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{where} asks for Apple's MPS but it is not available here. {fix}.")
+    return chosen
 
 def device_name(device: torch.device | None = None) -> str:
     "A human-readable name of the device (GPU model or CPU description)."
@@ -71,6 +88,7 @@ def banner(profile: str | None = None) -> str:
     "Print and return which profile runs, why, and on which device."
     prof, why = (profile, "passed explicitly") if profile else profile_reason()
     prof = get_profile(prof)
+    set_threads(prof)
     lines = [f"seglab profile: {prof} ({why})", f"device: {device_name()}  |  torch {torch.__version__}"]
     if prof == "full" and not _cuda_available():
         lines.append("WARNING: the full profile without a GPU will be very slow. "
@@ -81,6 +99,31 @@ def banner(profile: str | None = None) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+# %% ../nbs/00_foundations/00_config.ipynb #b9b64f8c
+def thread_count(profile: str | None = None) -> int:
+    "How many torch CPU threads this process should use under seglab's policy (see the table above)."
+    if os.environ.get("SEGLAB_THREADS"):
+        try:
+            n = int(os.environ["SEGLAB_THREADS"])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"SEGLAB_THREADS={os.environ['SEGLAB_THREADS']!r} is not a positive integer. "
+                             "Fix: export SEGLAB_THREADS=1 (or unset it to use seglab's policy).")
+        return n
+    if get_profile(profile) == "toy":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+def set_threads(profile: str | None = None) -> int:
+    "Apply the thread policy to torch on a CPU device (a CUDA device keeps torch's default); returns the count."
+    if get_device().type == "cuda" and not os.environ.get("SEGLAB_THREADS"):
+        return torch.get_num_threads()
+    n = thread_count(profile)
+    torch.set_num_threads(n)
+    return n
 
 # %% ../nbs/00_foundations/00_config.ipynb #f8f0c06f
 class Cfg(dict):

@@ -8,10 +8,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import math
+import numbers
 import os
+import pickle
 import random
+import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,9 +32,10 @@ from tqdm.auto import tqdm
 from .config import atomic_path, cache_root, get_device, run_stamp, seed_everything, sha256sum
 
 # %% auto #0
-__all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'save_checkpoint', 'load_checkpoint',
-           'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA', 'dist_info', 'is_main', 'init_distributed',
-           'loader_factory', 'tensor_batches', 'amp_setup', 'to_device', 'NonFiniteLoss', 'fit', 'fit_or_load']
+__all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'CheckpointError',
+           'verify_checkpoint', 'save_checkpoint', 'load_checkpoint', 'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA',
+           'dist_info', 'is_main', 'init_distributed', 'loader_factory', 'tensor_batches', 'amp_setup', 'to_device',
+           'NonFiniteLoss', 'fit', 'fit_or_load']
 
 # %% ../nbs/00_foundations/05_engine.ipynb #e3b1b7c0
 class History:
@@ -113,21 +119,109 @@ def _check_plain(value, where: str = "state") -> None:
                         f"and lists/dicts of them (so that torch.load(weights_only=True) can read it). "
                         f"Fix: store its .state_dict(), .tolist(), a plain number or str(...) instead.")
 
+class CheckpointError(ValueError):
+    "A checkpoint file is truncated, corrupt or carries no checksum; the message names the file and the fix."
+
+_TAG = b"seglab-sha256:"
+_TRAILER = len(_TAG) + 64  # the zip comment that carries the digest: tag + 64 hex digits
+_EOCD = 22                 # a zip's end-of-central-directory record (its last 2 bytes: the comment length)
+
+def _fix(path: Path) -> str:
+    return (f"Fix: delete {path} and train again without resuming (or restore the file from a copy); "
+            f"load_checkpoint(..., verify=False) skips the check for a trusted file written before checksums.")
+
+def _embed_digest(path: Path) -> str:
+    "Write the sha256 of `path` (a fresh `torch.save` zip) into its zip comment and fsync it; returns the digest."
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - _EOCD)
+        eocd = f.read(_EOCD)
+        if eocd[:4] != b"PK\x05\x06" or eocd[-2:] != b"\0\0":
+            raise RuntimeError(f"torch.save did not end {path} with a plain zip directory; cannot embed its sha256")
+        f.seek(0)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        hexdigest = digest.hexdigest()
+        f.seek(size - 2)
+        f.write(_TRAILER.to_bytes(2, "little") + _TAG + hexdigest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return hexdigest
+
+def verify_checkpoint(path: str | Path) -> str:
+    "Check the sha256 that `save_checkpoint` embedded in `path` against its bytes; returns it or raises `CheckpointError`."
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _TRAILER - _EOCD))
+        tail = f.read()
+        eocd, comment = tail[:_EOCD], tail[_EOCD:]
+        if (size < _TRAILER + _EOCD or not comment.startswith(_TAG) or eocd[:4] != b"PK\x05\x06"
+                or eocd[-2:] != _TRAILER.to_bytes(2, "little")):
+            raise CheckpointError(f"{path} ({size} bytes) is truncated or damaged at its end: it does not end with "
+                                  f"the sha256 that save_checkpoint writes. {_fix(path)}")
+        expected = comment[len(_TAG):].decode("ascii", "replace")
+        f.seek(0)
+        digest, left = hashlib.sha256(), size - _TRAILER - 2
+        while left > 0:
+            chunk = f.read(min(1 << 20, left))
+            digest.update(chunk)
+            left -= len(chunk)
+        digest.update(b"\0\0")  # the comment length as torch.save wrote it
+    if digest.hexdigest() != expected:
+        raise CheckpointError(f"{path} is corrupt: its bytes do not match the sha256 it was saved with "
+                              f"({digest.hexdigest()[:12]}... != {expected[:12]}...). {_fix(path)}")
+    return expected
+
+def _clean_temporaries(path: Path) -> list[Path]:
+    "Delete the temporaries `.<name>.XXXXXXXX.tmp` that a killed save of `path` left beside it (one writer per path)."
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    stale = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)] if path.parent.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+def _fsync_dir(folder: Path) -> None:
+    "Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    "Write `state` (tensors and plain values) to `path` atomically; returns the path."
+    """Write `state` (tensors and plain values) to `path` atomically, with its sha256 embedded, fsynced before the
+    rename; temporaries of an earlier, killed save are deleted first. Returns the path."""
     _check_plain(state)
     path = Path(path)
+    _clean_temporaries(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        _embed_digest(tmp)
+    _fsync_dir(path.parent)
     return path
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    "Read a checkpoint with `torch.load(..., weights_only=True)`."
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
+    "Read a checkpoint with `torch.load(..., weights_only=True)` after checking its embedded sha256 (`verify`)."
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
+    if verify:
+        verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # torch's own words for a cut-off zip ("[Errno 22] Invalid argument", "failed finding central directory")
+        # do not help; a refused pickle's do
+        reason = "" if isinstance(e, (OSError, EOFError, zipfile.BadZipFile)) else f" ({' '.join(str(e).split())[:200]})"
+        raise CheckpointError(f"{path} cannot be read as a checkpoint{reason}: it is truncated, damaged or not a torch "
+                              f"checkpoint. {_fix(path)}") from e
 
 # %% ../nbs/00_foundations/05_engine.ipynb #b8aecd6f
 LR_KINDS = ("poly", "cosine", "constant")
@@ -211,15 +305,29 @@ def init_distributed(backend: str | None = None) -> bool:
     return True
 
 def loader_factory(dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                   num_workers: int = 0, collate_fn: Callable | None = None) -> Callable[[int], DataLoader]:
-    "A function `epoch -> DataLoader` whose order depends only on `(seed, epoch)`, sharded over distributed processes."
+                   num_workers: int = 0, collate_fn: Callable | None = None, pin_memory: bool | None = None,
+                   persistent_workers: bool = False) -> Callable[[int], DataLoader]:
+    """A function `epoch -> DataLoader` whose order depends only on `(seed, epoch)`, sharded over distributed processes.
+    `pin_memory` defaults to True when CUDA is available. With `persistent_workers=True` (needs `num_workers > 0`) one
+    loader is built and reused: its worker processes survive between epochs, but random augmentation inside them then
+    continues across epochs, so a resumed run matches an uninterrupted one exactly only without it."""
+    if persistent_workers and num_workers < 1:
+        raise ValueError("persistent_workers=True needs num_workers >= 1")
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    built: dict = {}
+
     def make(epoch: int) -> DataLoader:
         rank, world = dist_info()
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
+        if built.get("where") != (rank, world) or not persistent_workers:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                         drop_last=drop_last)
+            built.update(where=(rank, world), sampler=sampler, loader=DataLoader(
+                dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                generator=torch.Generator()))
+        built["sampler"].set_epoch(epoch)
+        built["loader"].generator.manual_seed(derive_seed(seed, epoch, rank))
+        return built["loader"]
     return make
 
 def tensor_batches(data: dict, batch: int, seed: int = 0, keys=None,
@@ -227,20 +335,26 @@ def tensor_batches(data: dict, batch: int, seed: int = 0, keys=None,
     """A factory `epoch -> list of batch dicts` over in-memory tensors `data` (its tensor entries, or `keys`): one
     permutation per epoch from a generator seeded by `(seed, epoch)`, the last partial batch dropped; `augment(batch,
     generator)` may transform each batch, drawing from the same generator. For cached features and small toy sets,
-    where a DataLoader is overhead (not sharded: use `loader_factory` under `torchrun`)."""
+    where a DataLoader is overhead. `batch` is the *global* batch: under `torchrun` every process draws the same
+    permutation and takes its own contiguous slice of `batch / R` rows of each batch (R processes must divide `batch`)."""
     keys = [k for k, v in data.items() if torch.is_tensor(v)] if keys is None else list(keys)
     if not keys:
         raise ValueError("tensor_batches needs at least one tensor in `data` (or name them in `keys`)")
     def make(epoch: int) -> list[dict]:
+        rank, world = dist_info()
+        if batch % world:
+            raise ValueError(f"tensor_batches: the global batch {batch} does not split over {world} processes; "
+                             f"use a multiple of {world}")
+        per = batch // world
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
         perm = torch.randperm(len(data[keys[0]]), generator=g)
         out = []
         for i in range(0, len(perm) - batch + 1, batch):
             b = {k: data[k][perm[i:i + batch]] for k in keys}
-            out.append(augment(b, g) if augment else b)
+            b = augment(b, g) if augment else b
+            out.append({k: v[rank * per:(rank + 1) * per] for k, v in b.items()} if world > 1 else b)
         return out
     return make
-
 
 # %% ../nbs/00_foundations/05_engine.ipynb #91b46754
 AMP_MODES = (None, True, False, "fp16", "bf16")
@@ -269,7 +383,7 @@ def to_device(batch, device: torch.device):
     return batch
 
 class NonFiniteLoss(FloatingPointError):
-    "Raised by `fit` when a loss is NaN or infinite."
+    "Raised by `fit` when the loss, or the weights, became NaN or infinite; that state is never saved."
 
 def _as_scalars(out) -> dict:
     "The step function's output as a dict with a `loss` tensor."
@@ -279,34 +393,62 @@ def _as_scalars(out) -> dict:
                         f"(plus other scalars); it returned {type(out).__name__}")
     return out
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    "Whether the loss is finite on every process (one all-reduce when distributed)."
-    ok = torch.isfinite(loss.detach()).float().reshape(1)
+def _check_length(steps, epochs) -> None:
+    "Exactly one of `steps` / `epochs`, a whole number >= 1."
+    if (steps is None) == (epochs is None):
+        raise ValueError("pass exactly one of steps= (optimizer steps) or epochs= (passes over the data)")
+    name, n = ("steps", steps) if steps is not None else ("epochs", epochs)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name}={n!r}: fit trains for a whole number of {name} >= 1. Fix: pass {name}=N with N >= 1 "
+                         f"(to evaluate a model without training, call its evaluation function directly).")
+
+def _finite_weights(model: nn.Module, ema: ModelEMA | None) -> bool:
+    "Whether every floating-point parameter of the model (and of its EMA) is finite: one read from the device."
+    params = list(unwrap(model).parameters()) + (list(ema.module.parameters()) if ema is not None else [])
+    flags = [torch.isfinite(p.detach()).all() for p in params if p.is_floating_point()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+
+def _process_max(value: torch.Tensor) -> torch.Tensor:
+    "The maximum of `value` over all processes (itself outside a distributed run)."
     if dist_info()[1] > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
-def _process_mean(scalars: dict, device: torch.device) -> dict:
-    "The mean of each scalar over all processes (the same dict on every rank; one all-reduce when distributed)."
+def _host_scalars(scalars: dict, device: torch.device) -> dict:
+    """The scalars (0-d tensors or numbers) as Python floats, each averaged over the processes: one device-to-host
+    read for all of them (and one all-reduce when distributed). The only place where logged values leave the device."""
+    if not scalars:
+        return {}
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    values = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, dtype) for v in scalars.values()])
     world = dist_info()[1]
-    if world == 1:
-        return scalars
-    values = torch.tensor(list(scalars.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return dict(zip(scalars, (values / world).tolist()))
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return dict(zip(scalars, values.tolist()))
 
-def _non_finite_message(loss: torch.Tensor, step: int, epoch: int, ckpt) -> str:
-    return (f"loss is {loss.item()} at step {step} (epoch {epoch}); training stopped. "
-            + (f"The last good checkpoint {ckpt} is kept. " if ckpt else "")
-            + "Fix: lower the learning rate, set clip_grad=, check the step function and the data for NaNs, "
-              "or, under amp='fp16', try amp='bf16' or amp=False.")
+def _non_finite_message(problem: str, ckpt, saved_at: int | None) -> str:
+    kept = (f"The last good checkpoint, {ckpt} (step {saved_at}), is kept. " if saved_at is not None
+            else "No checkpoint of this run had been saved. ")
+    return (f"{problem}; training stopped and nothing of it was saved. {kept}"
+            "Fix: lower the learning rate, set clip_grad=, check the step function and the data for NaNs, "
+            "or, under amp='fp16', try amp='bf16' or amp=False.")
 
 def _epoch_data(data, epoch: int) -> Iterable:
     "The batches of `epoch`: `data(epoch)` for a factory, else `data` itself."
     return data(epoch) if callable(data) and not hasattr(data, "__iter__") else data
 
 def _mean(records: list[dict]) -> dict:
-    return {k: float(np.mean([float(r[k]) for r in records if k in r])) for k in dict.fromkeys(k for r in records for k in r)}
+    "Per-key means over `records`; tensors are averaged on their device (no host sync), numbers as floats."
+    out = {}
+    for k in dict.fromkeys(k for r in records for k in r):
+        values = [r[k] for r in records if k in r]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            out[k] = torch.stack([v.detach().float().reshape(()).to(values[0].device) for v in values]).mean()
+        else:
+            out[k] = float(np.mean([float(v) for v in values]))
+    return out
 
 # %% ../nbs/00_foundations/05_engine.ipynb #7eceff49
 def _gathered_rng() -> list[dict]:
@@ -356,8 +498,7 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
         eval_every: int | None = None, log_every: int = 1, seed: int = 0, device=None, desc: str = "train") -> History:
     """Train `model` with `step_fn(model, batch) -> dict(loss=..., **scalars)` for `steps` optimizer steps or `epochs`
     passes over `data` (an iterable, or a factory `epoch -> iterable`); resumable from `ckpt`. Returns the `History`."""
-    if (steps is None) == (epochs is None):
-        raise ValueError("pass exactly one of steps= (optimizer steps) or epochs= (passes over the data)")
+    _check_length(steps, epochs)
     if min(accum, log_every, ckpt_every, eval_every or 1) < 1:
         raise ValueError("accum, log_every, ckpt_every and eval_every must be >= 1")
     distributed = init_distributed()
@@ -373,11 +514,12 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
     dtype, scaler = amp_setup(amp, device)
     autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
-    history, step, epoch, batches, saved_rng = History(), 0, 0, 0, None
+    history, step, epoch, batches, saved_rng, saved_at = History(), 0, 0, 0, None, None
     if ckpt is not None and resume and Path(ckpt).is_file():
         state = load_checkpoint(ckpt)
         _restore_run(state, **parts)
         history, step, epoch, batches = History(state["history"]), state["step"], state["epoch"], state["batches"]
+        saved_at = step
         saved_rng = state["rng"][rank] if len(state["rng"]) == world else None
         if saved_rng is None:
             warnings.warn(f"resuming on {world} processes from a run on {len(state['rng'])}: random streams restart")
@@ -390,6 +532,32 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
     bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True,
                disable=not is_main() or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
     micro, window, start_step, evaluated_at = [], [], step, None
+    # the first non-finite loss: its step, epoch and value, kept on the device (read only at log steps and saves)
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_epoch = torch.zeros((), dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def note_loss(loss: torch.Tensor) -> None:
+        nonlocal bad_step, bad_epoch, bad_loss
+        loss = loss.detach().float().reshape(())
+        new = (bad_step == 0) & ~torch.isfinite(loss)
+        bad_step = torch.where(new, step + 1, bad_step)
+        bad_epoch = torch.where(new, epoch, bad_epoch)
+        bad_loss = torch.where(new, loss, bad_loss)
+
+    def check_loss() -> None:
+        "Stop, on every process, if any process has seen a non-finite loss (one host read)."
+        at = int(_process_max(bad_step))
+        if at > 0:
+            in_epoch = int(_process_max(bad_epoch))
+            value = f"{float(bad_loss)}" if int(bad_step) > 0 else "not finite on another process"
+            raise NonFiniteLoss(_non_finite_message(f"loss is {value} at step {at} (epoch {in_epoch})", ckpt, saved_at))
+
+    def check_weights() -> None:
+        if not _finite_weights(model, ema):
+            raise NonFiniteLoss(_non_finite_message(
+                f"the weights became NaN or infinite by step {step} (epoch {epoch}) although the loss stayed finite "
+                f"(an overflowing gradient)", ckpt, saved_at))
 
     def report(scalars: dict) -> None:
         record = history.append(step, **scalars)
@@ -399,7 +567,7 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
     def log(force: bool) -> None:
         nonlocal window
         if window and (force or step % log_every == 0):
-            report(_process_mean(_mean(window), device))
+            report(_host_scalars(_mean(window), device))
             bar.set_postfix({k: f"{v:.4g}" for k, v in history.records[-1].items() if k != "step"}, refresh=False)
             window = []
 
@@ -413,7 +581,12 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
             net.train()
 
     def save() -> None:
+        "Checkpoint the run, but only a finite one."
+        nonlocal saved_at
+        check_loss()
+        check_weights()
         _save_run(ckpt, history=history, step=step, epoch=epoch, batches=batches, **parts)
+        saved_at = step
 
     def optimizer_step() -> None:
         if clip_grad is not None:
@@ -448,8 +621,7 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
                 with contextlib.nullcontext() if last or not distributed else net.no_sync():
                     with autocast():
                         out = _as_scalars(step_fn(net, to_device(batch, device)))
-                    if not _all_finite(out["loss"]):
-                        raise NonFiniteLoss(_non_finite_message(out["loss"], step + 1, epoch, ckpt))
+                    note_loss(out["loss"])
                     (scaler.scale(out["loss"] / accum) if scaler else out["loss"] / accum).backward()
                 micro.append({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
                 if not last:
@@ -460,6 +632,8 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
                 step += 1
                 bar.update(1)
                 ckpt_due = ckpt is not None and step % ckpt_every == 0
+                if ckpt_due or step % log_every == 0:
+                    check_loss()
                 log(force=ckpt_due)
                 if eval_every and step % eval_every == 0:
                     evaluate()
@@ -473,6 +647,7 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
                                      f"or a factory epoch -> iterable (a generator is exhausted after one pass)")
                 epoch, batches = epoch + 1, 0
         if step > start_step:  # the end of this run: last record, final evaluation, final checkpoint
+            check_loss()
             log(force=True)
             evaluate()
             if ckpt is not None:
@@ -490,11 +665,11 @@ def _verify(path: Path, sha256: str | None) -> None:
     side = Path(f"{path}.sha256")
     expected = side.read_text().strip() if side.is_file() else sha256
     if expected is None:
-        raise ValueError(f"{path} has no checksum ({side.name} is missing and no sha256= was given). "
+        raise CheckpointError(f"{path} has no checksum ({side.name} is missing and no sha256= was given). "
                          f"Fix: pass the expected sha256=, or delete the file (or pass retrain=True) to train again.")
     actual = sha256sum(path)
     if actual != expected:
-        raise ValueError(f"{path} is corrupt or not the expected file: its sha256 is {actual[:16]}..., expected "
+        raise CheckpointError(f"{path} is corrupt or not the expected file: its sha256 is {actual[:16]}..., expected "
                          f"{expected[:16]}.... Fix: delete it (and {side.name}) to fetch or train it again.")
 
 def _download(url: str, path: Path, sha256: str | None) -> None:
@@ -516,7 +691,7 @@ def fit_or_load(name: str, model: nn.Module, train_fn: Callable[[nn.Module], His
         _download(url, path, sha256)
     if not retrain and path.is_file():
         _verify(path, sha256)
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, verify=False)  # just verified as a whole file
         unwrap(model).load_state_dict(state["model"])
         stamp = state.get("stamp", {})
         print(f"{name}: loaded {path} (trained on {stamp.get('device', '?')}, torch {stamp.get('torch', '?')})")

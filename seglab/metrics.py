@@ -17,13 +17,22 @@ from scipy.optimize import linear_sum_assignment
 # %% auto #0
 __all__ = ['EPS', 'IOU_THRESHOLDS', 'LENGTH_GROUPS', 'HL_LEVELS', 'confusion_matrix', 'scores_from_confusion', 'ConfusionMatrix',
            'incremental_miou', 'FewShotIoU', 'hungarian_match', 'hungarian_scores', 'dice', 'surface_distances', 'hd95',
-           'dice_hd95', 'volume_scores', 'prepare_saliency', 'mae', 'adaptive_threshold', 'threshold_counts', 'f_beta',
-           'pr_curve', 'f_adaptive', 'enhanced_alignment', 'e_curve', 'e_adaptive', 's_measure', 'SaliencyMeter',
-           'seg2bmap', 'disk', 'region_j', 'boundary_f', 'db_statistics', 'davis_objects', 'davis_summary',
-           'temporal_iou', 'interpolated_ap', 'moment_ap', 'ranking_ap', 'clip_labels', 'mr_metrics', 'hl_metrics',
-           'qvhighlights_eval', 'mean_ci95']
+           'asd', 'assd', 'dice_hd95', 'volume_scores', 'prepare_saliency', 'mae', 'adaptive_threshold',
+           'threshold_counts', 'f_beta', 'pr_curve', 'f_adaptive', 'enhanced_alignment', 'e_curve', 'e_adaptive',
+           'weighted_f', 's_measure', 'SaliencyMeter', 'seg2bmap', 'disk', 'region_j', 'boundary_f', 'db_statistics',
+           'davis_objects', 'davis_summary', 'temporal_iou', 'interpolated_ap', 'moment_ap', 'ranking_ap',
+           'clip_labels', 'mr_metrics', 'hl_metrics', 'qvhighlights_eval', 'mean_ci95']
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #9a208d1d
+def _check_ids(x: torch.Tensor, keep: torch.Tensor, hi: int, what: str, fix: str):
+    "Raise if a kept pixel of `x` lies outside [0, hi); the whole-tensor range is checked first because it is cheap."
+    if not x.numel():
+        return
+    lo_, hi_ = torch.aminmax(x)
+    if (lo_ < 0 or hi_ >= hi) and (keep & ((x < 0) | (x >= hi))).any():
+        found = x[keep]
+        raise ValueError(f"{what}; found [{int(found.min())}, {int(found.max())}]. Fix: {fix}.")
+
 def confusion_matrix(pred, target, num_classes: int, num_pred: int | None = None,
                      ignore_index: int = 255) -> torch.Tensor:
     "Counts `[num_classes, num_pred]` of (true class, predicted id) pairs; rows are ground truth. Ignored pixels are skipped."
@@ -36,13 +45,14 @@ def confusion_matrix(pred, target, num_classes: int, num_pred: int | None = None
     if pred.is_floating_point() or target.is_floating_point():
         raise TypeError("confusion_matrix needs integer class ids. Fix: `pred = logits.argmax(1)`, `target = target.long()`.")
     keep = target != ignore_index
-    t, p = target[keep].long(), pred[keep].long()
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
-        raise ValueError(f"target ids must lie in [0, {num_classes}) or be {ignore_index} (ignore); found "
-                         f"[{int(t.min())}, {int(t.max())}]. Fix: map void labels to {ignore_index} or raise num_classes.")
-    if p.numel() and (p.min() < 0 or p.max() >= num_pred):
-        raise ValueError(f"predicted ids must lie in [0, {num_pred}); found [{int(p.min())}, {int(p.max())}].")
-    return torch.bincount(t * num_pred + p, minlength=num_classes * num_pred).reshape(num_classes, num_pred)
+    _check_ids(target, keep, num_classes, f"target ids must lie in [0, {num_classes}) or be {ignore_index} (ignore)",
+               f"map void labels to {ignore_index} or raise num_classes")
+    _check_ids(pred, keep, num_pred, f"predicted ids must lie in [0, {num_pred})",
+               "predict ids below num_pred (pass num_pred for more clusters than classes)")
+    n = num_classes * num_pred
+    itype = torch.int32 if n < 2 ** 31 - 1 else torch.int64      # ids are checked, so int32 cannot overflow
+    index = torch.where(keep, target.to(itype) * num_pred + pred.to(itype), n)   # ignored pixels -> spare bin n
+    return torch.bincount(index.flatten(), minlength=n + 1)[:n].reshape(num_classes, num_pred)
 
 def scores_from_confusion(cm) -> dict:
     "mIoU, per-class IoU (NaN where a class is absent from GT and prediction), pixel accuracy and mean class accuracy."
@@ -115,18 +125,18 @@ class FewShotIoU:
         return self
 
     def compute(self) -> dict:
-        seen = self.union[:, 1] > 0
-        fg = torch.where(seen, self.inter[:, 1] / self.union[:, 1].clamp_min(1), torch.full_like(seen, float("nan"), dtype=torch.float64))
+        fg = self.inter[:, 1] / self.union[:, 1].clamp_min(1)     # zero union -> IoU 0, kept in the mean (HSNet, PFENet)
         fb = self.inter.sum(0) / self.union.sum(0).clamp_min(1)
-        return dict(miou=float(fg.nanmean()), fb_iou=float(fb.mean()), iou=dict(zip(self.class_ids, fg.tolist())))
+        return dict(miou=float(fg.mean()), fb_iou=float(fb.mean()), iou=dict(zip(self.class_ids, fg.tolist())))
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #c4339f6b
 def hungarian_match(cm) -> np.ndarray:
     "For a class × cluster matrix, the class each cluster is matched to (−1 if unmatched), maximising matched pixels."
     cm = torch.as_tensor(cm).double().cpu().numpy()
-    rows, cols = linear_sum_assignment(cm, maximize=True)
+    # HP/STEGO store the matrix as cluster × class and solve on that orientation; ties are broken as they break them
+    clusters, classes = linear_sum_assignment(cm.T, maximize=True)
     mapping = np.full(cm.shape[1], -1)
-    mapping[cols] = rows
+    mapping[clusters] = classes
     return mapping
 
 def hungarian_scores(cm) -> dict:
@@ -166,6 +176,15 @@ def hd95(pred, gt, spacing=None, connectivity: int = 1) -> float:
     return float(np.percentile(np.hstack([surface_distances(pred, gt, spacing, connectivity),
                                           surface_distances(gt, pred, spacing, connectivity)]), 95))
 
+def asd(pred, gt, spacing=None, connectivity: int = 1) -> float:
+    "Average surface distance from the prediction's surface to the label's: medpy's `asd(pred, gt)`, one direction."
+    return float(surface_distances(pred, gt, spacing, connectivity).mean())
+
+def assd(pred, gt, spacing=None, connectivity: int = 1) -> float:
+    "Average symmetric surface distance: the mean over the surface voxels of both masks (medpy 0.5's `assd`)."
+    return float(np.hstack([surface_distances(pred, gt, spacing, connectivity),
+                            surface_distances(gt, pred, spacing, connectivity)]).mean())
+
 def dice_hd95(pred, gt, spacing=None) -> tuple[float, float]:
     "(Dice, HD95) with the ACDC conventions: empty prediction -> (0, 0); empty GT only -> (0, NaN)."
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
@@ -175,12 +194,18 @@ def dice_hd95(pred, gt, spacing=None) -> tuple[float, float]:
         return 0.0, float("nan")
     return dice(pred, gt), hd95(pred, gt, spacing)
 
-def volume_scores(pred, gt, classes: Sequence[int] = (1, 2, 3), spacing=None) -> dict:
-    "Per-class `{class: (Dice, HD95)}` of two label volumes `[S,H,W]` (ACDC: 1 RV, 2 Myo, 3 LV)."
+def volume_scores(pred, gt, classes: Sequence[int] = (1, 2, 3), spacing=None, with_asd: bool = False) -> dict:
+    "Per-class `{class: (Dice, HD95)}`, or `(Dice, HD95, ASD)` `with_asd`, of two label volumes `[S,H,W]` (ACDC)."
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ. Fix: resample the prediction to the label grid.")
-    return {c: dice_hd95(pred == c, gt == c, spacing) for c in classes}
+    out = {}
+    for c in classes:
+        p, g = pred == c, gt == c
+        out[c] = dice_hd95(p, g, spacing)
+        if with_asd:    # same conventions as HD95: empty prediction -> 0, empty label only -> NaN
+            out[c] += (0.0 if not p.any() else float("nan") if not g.any() else asd(p, g, spacing),)
+    return out
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #da4192a7
 EPS = np.spacing(1)  # MATLAB's eps, as in the reference toolbox
@@ -256,6 +281,26 @@ def e_adaptive(pred, gt) -> float:
     b = pred >= adaptive_threshold(pred)
     return float(enhanced_alignment(np.count_nonzero(b & gt), np.count_nonzero(b & ~gt), int(gt.sum()), gt.size))
 
+def _gaussian_kernel(size: int = 7, sigma: float = 5.0) -> np.ndarray:
+    "Normalised `size`×`size` Gaussian (MATLAB's `fspecial('gaussian', size, sigma)`)."
+    r = np.arange(size) - (size - 1) / 2
+    k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+def weighted_f(pred, gt, beta2: float = 1.0) -> float:
+    "Weighted F-measure (Margolin et al., CVPR 2014) of a [0, 1] map and a boolean mask; 0 for an empty mask."
+    if not gt.any():
+        return 0.0
+    dist, (iy, ix) = ndimage.distance_transform_edt(~gt, return_indices=True)   # to the nearest object pixel
+    err = np.abs(pred - gt)
+    err_t = err[iy, ix]                        # a background pixel takes the error of its nearest object pixel
+    err_a = ndimage.convolve(err_t, _gaussian_kernel(), mode="constant", cval=0.0)
+    err = np.where(gt & (err_a < err), err_a, err)          # dependency: smoothed errors inside the object
+    err = err * np.where(gt, 1.0, 2 - np.exp(np.log(0.5) / 5 * dist))   # importance: far false positives cost up to 2
+    tp_w, fp_w = gt.sum() - err[gt].sum(), err[~gt].sum()
+    recall, precision = 1 - err[gt].mean(), tp_w / (tp_w + fp_w + EPS)
+    return float((1 + beta2) * recall * precision / (recall + beta2 * precision + EPS))
+
 def _s_object(x: np.ndarray) -> float:
     mean, std = x.mean(), (x.std(ddof=1) if x.size > 1 else 0.0)
     return 2 * mean / (mean ** 2 + 1 + std + EPS)
@@ -287,21 +332,21 @@ def s_measure(pred, gt, alpha: float = 0.5) -> float:
     return float(max(0.0, alpha * s_obj + (1 - alpha) * s_reg))
 
 class SaliencyMeter:
-    "MAE, S-, E- and F-measures averaged over images; `fm_max` (DCFM protocol) and `fm_max_pr` (SCWSSOD protocol)."
+    "MAE, S-, E-, F-, weighted F-measures averaged over images; `fm_max` (DCFM protocol), `fm_max_pr` (SCWSSOD protocol)."
     def __init__(self, beta2: float = 0.3, normalize: bool = True):
         self.beta2, self.normalize = beta2, normalize
         self.reset()
 
     def reset(self):
-        self.rows = {k: [] for k in ("mae", "sm", "em_adp", "fm_adp", "em", "fm", "precision", "recall")}
+        self.rows = {k: [] for k in ("mae", "sm", "wfm", "em_adp", "fm_adp", "em", "fm", "precision", "recall")}
 
     def update(self, pred, gt):
         "Add one image: a saliency map and its mask (numpy or torch, `[H,W]`)."
         pred, gt = (x.detach().cpu().numpy() if torch.is_tensor(x) else x for x in (pred, gt))
         pred, gt = prepare_saliency(pred, gt, self.normalize)
         p, r = pr_curve(pred, gt)
-        for k, v in dict(mae=mae(pred, gt), sm=s_measure(pred, gt), em_adp=e_adaptive(pred, gt),
-                         fm_adp=f_adaptive(pred, gt, self.beta2), em=e_curve(pred, gt),
+        for k, v in dict(mae=mae(pred, gt), sm=s_measure(pred, gt), wfm=weighted_f(pred, gt),
+                         em_adp=e_adaptive(pred, gt), fm_adp=f_adaptive(pred, gt, self.beta2), em=e_curve(pred, gt),
                          fm=f_beta(p, r, self.beta2), precision=p, recall=r).items():
             self.rows[k].append(v)
         return self
@@ -311,9 +356,9 @@ class SaliencyMeter:
             raise RuntimeError("SaliencyMeter.compute() before any update().")
         m = {k: np.mean(np.stack(v), axis=0) for k, v in self.rows.items()}
         fm_pr = f_beta(m["precision"], m["recall"], self.beta2)
-        return dict(mae=float(m["mae"]), sm=float(m["sm"]), em_adp=float(m["em_adp"]), em_mean=float(m["em"].mean()),
-                    em_max=float(m["em"].max()), fm_adp=float(m["fm_adp"]), fm_mean=float(m["fm"].mean()),
-                    fm_max=float(m["fm"].max()), fm_max_pr=float(fm_pr.max()),
+        return dict(mae=float(m["mae"]), sm=float(m["sm"]), wfm=float(m["wfm"]), em_adp=float(m["em_adp"]),
+                    em_mean=float(m["em"].mean()), em_max=float(m["em"].max()), fm_adp=float(m["fm_adp"]),
+                    fm_mean=float(m["fm"].mean()), fm_max=float(m["fm"].max()), fm_max_pr=float(fm_pr.max()),
                     precision=m["precision"], recall=m["recall"], fm_curve=m["fm"])
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #3d1b105d
@@ -361,25 +406,49 @@ def db_statistics(values) -> tuple[float, float, float]:
     bins = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
     return float(np.nanmean(v)), float(np.nanmean(v > 0.5)), float(np.nanmean(bins[0]) - np.nanmean(bins[3]))
 
-def davis_objects(gt, pred, semi_supervised: bool = True, bound_th: float = 0.008) -> list[dict]:
-    "Per-object J/F mean, recall and decay for one sequence of id maps `[T,H,W]` (0 background, 255 void)."
+def _db_rows(objects, j, f) -> list[dict]:
+    rows = []
+    for obj, jo, fo in zip(objects, j, f):
+        row = dict(object=int(obj))
+        for name, vals in (("J", jo), ("F", fo)):
+            row.update(zip((f"{name}_mean", f"{name}_recall", f"{name}_decay"), db_statistics(vals)))
+        rows.append(row)
+    return rows
+
+def davis_objects(gt, pred, semi_supervised: bool = True, bound_th: float = 0.008,
+                  max_proposals: int = 20) -> list[dict]:
+    "Per-object J/F mean, recall and decay of a sequence of id maps `[T,H,W]` (0 bg, 255 void), as davis2017-evaluation."
     gt, pred = np.asarray(gt), np.asarray(pred)
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"gt {gt.shape} and pred {pred.shape} must both be [T,H,W] id maps.")
+    void = gt == 255
+    gt = np.where(void, 0, gt)                       # the toolkit reads void as background ...
+    objects = np.arange(1, int(gt[0].max()) + 1)      # ... and evaluates objects 1..max id of the first frame
     if semi_supervised:
         if len(gt) < 3:
             raise ValueError("the semi-supervised protocol drops the first and last frames; pass at least 3 frames.")
         gt, pred = gt[1:-1], pred[1:-1]
-    void = gt == 255
-    rows = []
-    for obj in sorted(set(np.unique(gt).tolist()) - {0, 255}):
-        j = [region_j(g == obj, p == obj, v) for g, p, v in zip(gt, pred, void)]
-        f = [boundary_f(g == obj, p == obj, v, bound_th) for g, p, v in zip(gt, pred, void)]
-        row = dict(object=obj)
-        for name, vals in (("J", j), ("F", f)):
-            row.update(zip((f"{name}_mean", f"{name}_recall", f"{name}_decay"), db_statistics(vals)))
-        rows.append(row)
-    return rows
+        if pred.max() > len(objects):
+            raise ValueError(f"the prediction has id {int(pred.max())} but the first frame has {len(objects)} objects. "
+                             f"Fix: predict only the first frame's object ids (0 for background, no 255).")
+        # ... and never passes its void mask to J and F in this task: void pixels count as background
+        j = [[region_j(g == o, p == o) for g, p in zip(gt, pred)] for o in objects]
+        f = [[boundary_f(g == o, p == o, None, bound_th) for g, p in zip(gt, pred)] for o in objects]
+        return _db_rows(objects, j, f)
+    if not len(objects):
+        return []
+    # unsupervised task: void pixels are ignored, every frame counts, proposals are matched to objects one-to-one
+    n_prop = int(pred.max())
+    if n_prop > max_proposals:
+        raise ValueError(f"the prediction has id {n_prop}; the unsupervised protocol allows at most {max_proposals} "
+                         f"proposals. Fix: keep the {max_proposals} best proposals, numbered from 1.")
+    proposals = np.arange(1, max(n_prop, len(objects)) + 1)     # missing proposals are empty masks
+    j = np.array([[[region_j(g == o, p == q, v) for g, p, v in zip(gt, pred, void)] for o in objects] for q in proposals])
+    f = np.array([[[boundary_f(g == o, p == q, v, bound_th) for g, p, v in zip(gt, pred, void)] for o in objects]
+                  for q in proposals])
+    prop, obj = linear_sum_assignment(-(j.mean(-1) + f.mean(-1)) / 2)
+    order = np.argsort(obj)
+    return _db_rows(objects[obj[order]], j[prop[order], obj[order]], f[prop[order], obj[order]])
 
 def davis_summary(rows: Iterable[dict]) -> dict:
     "Average the per-object statistics of all sequences; `J&F` is the mean of J_mean and F_mean."

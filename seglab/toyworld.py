@@ -21,16 +21,18 @@ from .metrics import ConfusionMatrix, confusion_matrix, scores_from_confusion
 
 # %% auto #0
 __all__ = ['STUFF', 'THING_ATTRS', 'THINGS', 'CLASS_NAMES', 'NUM_CLASSES', 'NUM_STUFF', 'SHAPES', 'TEXTURES', 'PALETTE',
-           'COLOURS', 'COLOUR_CLASSES', 'FOLDS', 'CARDIAC_CLASSES', 'BIRD_PARTS', 'BIRD_ATTRS', 'BIRD_CLASSES',
-           'BIRD_SPLITS', 'IMAGE_CORRUPTIONS', 'LABEL_CORRUPTIONS', 'INCREMENTAL_TASKS', 'INC_CLASSES',
-           'GROUNDING_VERBS', 'GROUNDING_VOCAB', 'CLIP_LEN', 'TOUR_CONFIG', 'thing_id', 'lookalikes', 'caption_of',
-           'sample_rng', 'ToyDataset', 'stuff_texture', 'shape_mask', 'thing_texture', 'sample_stuff', 'render_stuff',
-           'paint_object', 'sample_object', 'sample_scene', 'gaussian_noise', 'apply_light', 'render_scene', 'erode',
-           'boxes_of', 'scribble_of', 'SemanticScenes', 'collate', 'colour_mask', 'make_scenes', 'fold_classes',
-           'FewShotEpisodes', 'SaliencyScenes', 'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices',
-           'CardiacVolumes', 'ToyVideos', 'render_bird', 'ToyBirds', 'BirdEpisodes', 'corrupt_image',
-           'corrupt_annotation', 'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize',
-           'grounding_embeddings', 'GroundingVideos', 'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
+           'COLOURS', 'PALETTES', 'PARTS', 'SHARED_TEXTURES', 'SHARED_CLASS_NAMES', 'APPEARANCE', 'COLOUR_CLASSES',
+           'FOLDS', 'CARDIAC_CLASSES', 'BIRD_PARTS', 'BIRD_ATTRS', 'BIRD_CLASSES', 'BIRD_SPLITS', 'IMAGE_CORRUPTIONS',
+           'LABEL_CORRUPTIONS', 'INCREMENTAL_TASKS', 'INC_CLASSES', 'GROUNDING_VERBS', 'GROUNDING_VOCAB', 'CLIP_LEN',
+           'TOUR_CONFIG', 'check_palette', 'thing_id', 'lookalikes', 'caption_of', 'sample_rng', 'ToyDataset',
+           'stuff_texture', 'shape_mask', 'thing_texture', 'part_mask', 'pattern', 'sample_nuisance', 'nuisance_rgb',
+           'sample_stuff', 'render_stuff', 'paint_object', 'sample_object', 'copy_appearance', 'sample_scene',
+           'gaussian_noise', 'apply_light', 'render_scene', 'erode', 'boxes_of', 'scribble_of', 'SemanticScenes',
+           'collate', 'colour_mask', 'make_scenes', 'fold_classes', 'FewShotEpisodes', 'SaliencyScenes',
+           'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices', 'CardiacVolumes', 'ToyVideos',
+           'render_bird', 'ToyBirds', 'BirdEpisodes', 'corrupt_image', 'corrupt_annotation', 'SyntheticPairs',
+           'step_classes', 'IncrementalSteps', 'tokenize', 'grounding_embeddings', 'GroundingVideos', 'TinyFCN', 'miou',
+           'colour_baseline', 'chance_miou', 'tour']
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #cfa63933
 STUFF = ["sky", "grass", "water", "brick"]
@@ -50,6 +52,17 @@ PALETTE = {"red": (0.86, 0.16, 0.14), "green": (0.22, 0.68, 0.24), "blue": (0.20
            "yellow": (0.92, 0.80, 0.18), "purple": (0.60, 0.26, 0.76), "orange": (0.96, 0.54, 0.14)}
 COLOURS = list(PALETTE)
 _PALETTE_RGB = np.array(list(PALETTE.values()), np.float32)
+PALETTES = ("class", "shared")  # the `palette` knob of the scene views (see "The shared palette" below)
+PARTS = {"plain": "none", "striped": "slit", "dotted": "knob", "checked": "notch"}  # palette="shared": texture word -> part
+SHARED_TEXTURES = TEXTURES + tuple(STUFF)  # palette="shared": the patterns every object draws from, whatever its class
+SHARED_CLASS_NAMES = STUFF + [f"{s} with a {PARTS[t]}" if PARTS[t] != "none" else f"bare {s}" for s, t in THING_ATTRS.values()]
+
+def check_palette(palette: str) -> str:
+    "Validate the `palette` knob: 'class' (a thing's texture is set by its class) or 'shared' (one palette for all)."
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be 'class' (texture set by the class) or 'shared' (colour and texture from one "
+                         f"palette for all classes; the class is carried by shape and part), got {palette!r}")
+    return palette
 
 def thing_id(name: str) -> int:
     "Semantic class id (index into `CLASS_NAMES`) of a thing class name."
@@ -62,12 +75,14 @@ def lookalikes(cls: int) -> list[int]:
     shape, tex = THING_ATTRS[CLASS_NAMES[cls]]
     return [thing_id(n) for n, (s, t) in THING_ATTRS.items() if n != CLASS_NAMES[cls] and (s == shape or t == tex)]
 
-def caption_of(objects: list[tuple[str, int]], stuff: int | str) -> str:
-    "Caption from `(colour name, thing class id)` pairs (largest first) and the main stuff: 'a red striped disk on grass'."
+def caption_of(objects: list[tuple[str, int]], stuff: int | str, palette: str = "class") -> str:
+    """Caption from `(colour name, thing class id)` pairs (largest first) and the main stuff: 'a red striped disk on
+    grass'; with `palette="shared"` things are named by shape and part: 'a red disk with a slit on grass'."""
     stuff = stuff if isinstance(stuff, str) else CLASS_NAMES[stuff]
     if not objects:
         return f"a picture of {stuff}"
-    parts = [f"a {colour} {CLASS_NAMES[c]}" for colour, c in objects[:3]]
+    names = SHARED_CLASS_NAMES if palette == "shared" else CLASS_NAMES
+    parts = [f"a {colour} {names[c]}" for colour, c in objects[:3]]
     things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{things} on {stuff}"
 
@@ -157,17 +172,56 @@ def thing_texture(texture: str, u: np.ndarray, v: np.ndarray, r: float) -> np.nd
         return np.where((np.floor(u / 4) + np.floor(v / 4)) % 2 == 0, 1.0, 0.3)
     raise KeyError(f"unknown texture {texture!r}; valid: {TEXTURES}")
 
+_EDGE = {"disk": 1.0, "square": 0.8, "triangle": 0.5, "ring": 1.0}  # centre -> edge along +v, in units of r
+
+def part_mask(shape: str, part: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Mask of `shape` with `part` where the shape's edge crosses the +v axis: 'none'; a 'slit' cut from the centre
+    to the edge; a round 'knob' stuck on outside the edge; a V-shaped 'notch' cut half a radius into the edge. Parts
+    are at least 2 pixels wide, and reach at most 1.6 r from the centre."""
+    m = shape_mask(shape, u, v, r)
+    e = _EDGE[shape] * r
+    if part == "none":
+        return m
+    if part == "slit":
+        return m & ~((np.abs(u) < max(0.15 * r, 1.1)) & (v > 0))
+    if part == "knob":
+        k = max(0.35 * r, 2.0)
+        return m | (u * u + (v - e - 0.2 * r) ** 2 <= k * k)
+    if part == "notch":
+        return m & ~((v > e - 0.5 * r) & (np.abs(u) < 0.8 * (v - e + 0.5 * r) + 0.6))
+    raise KeyError(f"unknown part {part!r}; valid: {sorted(set(PARTS.values()))}")
+
+def pattern(name: str, u: np.ndarray, v: np.ndarray, r: float, phase: float) -> np.ndarray:
+    "Intensity in [0,1] of any pattern of `SHARED_TEXTURES` in object coordinates (stuff patterns too)."
+    return thing_texture(name, u, v, r) if name in TEXTURES else stuff_texture(name, v, u, phase)
+
+_GREY_AXIS = np.full(3, 1 / math.sqrt(3), np.float32)
+
+def sample_nuisance(rng: np.random.Generator) -> dict:
+    "Per-instance colour nuisance of the shared palette: hue shift (radians, +-23 degrees), gain, mix towards grey."
+    return dict(hue=float(rng.uniform(-0.4, 0.4)), gain=float(rng.uniform(0.7, 1.15)), grey=float(rng.uniform(0, 0.55)))
+
+def nuisance_rgb(colour: int, hue: float = 0.0, gain: float = 1.0, grey: float = 0.0) -> np.ndarray:
+    "Palette colour `colour` with its hue rotated by `hue` radians about the grey axis, mixed `grey` of the way to mid-grey, times `gain`."
+    c, k = _PALETTE_RGB[colour], _GREY_AXIS
+    c = c * math.cos(hue) + np.cross(k, c) * math.sin(hue) + k * float(k @ c) * (1 - math.cos(hue))
+    return np.clip(((1 - grey) * c + grey * 0.55) * gain, 0, 1).astype(np.float32)
+
 # %% ../nbs/00_foundations/01_toyworld.ipynb #e531cae1
-def sample_stuff(rng: np.random.Generator, size: int, classes: list[int] | None = None) -> dict:
-    "A stuff layout: 1-3 stuff classes (ids), muted palette colours, wavy boundaries at a random angle."
+def sample_stuff(rng: np.random.Generator, size: int, classes: list[int] | None = None, palette: str = "class") -> dict:
+    """A stuff layout: 1-3 stuff classes (ids), muted palette colours, wavy boundaries at a random angle. With
+    `palette="shared"` each region also draws a colour nuisance (`sample_nuisance`) instead of the fixed muting."""
     if classes is None:
         k = int(rng.choice([1, 2, 2, 3]))
         classes = [int(c) for c in rng.choice(NUM_STUFF, k, replace=False)]
     k = len(classes)
-    return dict(classes=list(classes), colours=[int(c) for c in rng.integers(0, len(COLOURS), k)],
-                angle=float(rng.uniform(0, 2 * np.pi)), bounds=sorted(rng.uniform(-0.3, 0.3, k - 1) * size),
-                amp=float(rng.uniform(1, 5)), freq=float(rng.uniform(0.05, 0.2)), wave_phase=float(rng.uniform(0, 6.3)),
-                phases=[float(p) for p in rng.uniform(0, 20, k)])
+    out = dict(classes=list(classes), colours=[int(c) for c in rng.integers(0, len(COLOURS), k)],
+               angle=float(rng.uniform(0, 2 * np.pi)), bounds=sorted(rng.uniform(-0.3, 0.3, k - 1) * size),
+               amp=float(rng.uniform(1, 5)), freq=float(rng.uniform(0.05, 0.2)), wave_phase=float(rng.uniform(0, 6.3)),
+               phases=[float(p) for p in rng.uniform(0, 20, k)])
+    if palette == "shared":
+        out["nuisance"] = [sample_nuisance(rng) for _ in range(k)]
+    return out
 
 def _stuff_regions(stuff: dict, size: int) -> np.ndarray:
     y, x = _grid(size)
@@ -188,16 +242,20 @@ def render_stuff(stuff: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     for j, (cls, colour, phase) in enumerate(zip(stuff["classes"], stuff["colours"], stuff["phases"])):
         m = region == j
         tex[m] = stuff_texture(STUFF[cls], y[m], x[m], phase)
-        col[:, m] = (0.45 * _PALETTE_RGB[colour] + 0.25)[:, None]
+        rgb = nuisance_rgb(colour, **stuff["nuisance"][j]) if "nuisance" in stuff else 0.45 * _PALETTE_RGB[colour] + 0.25
+        col[:, m] = rgb[:, None]
     sem = np.asarray(stuff["classes"], np.uint8)[region]
-    return col * tex, sem
+    return (col * (0.15 + 0.85 * tex) if "nuisance" in stuff else col * tex), sem
 
 def paint_object(img: np.ndarray, sem: np.ndarray, inst: np.ndarray, obj: dict, inst_id: int) -> None:
-    "Paint object `obj` (keys cls, colour, cy, cx, r, angle, optional muted) in place; `inst` gets `inst_id`."
+    """Paint object `obj` (keys cls, colour, cy, cx, r, angle, optional muted; with the shared palette also texture,
+    phase, hue, gain, grey) in place; `inst` gets `inst_id`."""
     size = img.shape[-1]
     r, cy, cx = obj["r"], obj["cy"], obj["cx"]
-    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
-    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
+    shared = "texture" in obj  # palette="shared": the class sets shape and part; texture and colour are the object's own
+    reach = 1.6 * r if shared else r
+    y0, y1 = max(int(cy - reach) - 1, 0), min(int(cy + reach) + 2, size)
+    x0, x1 = max(int(cx - reach) - 1, 0), min(int(cx + reach) + 2, size)
     if y0 >= y1 or x0 >= x1:
         return
     y, x = _grid(size)
@@ -205,43 +263,63 @@ def paint_object(img: np.ndarray, sem: np.ndarray, inst: np.ndarray, obj: dict, 
     c, s = math.cos(obj["angle"]), math.sin(obj["angle"])
     u, v = xx * c + yy * s, yy * c - xx * s
     shape, texture = THING_ATTRS[CLASS_NAMES[obj["cls"]]]
-    m = shape_mask(shape, u, v, r)
-    t = thing_texture(texture, u[m], v[m], r)
-    rgb = _PALETTE_RGB[obj["colour"]] * (0.45 if obj.get("muted") else 1.0) + (0.25 if obj.get("muted") else 0.0)
+    if shared:
+        m = part_mask(shape, PARTS[texture], u, v, r)
+        t = pattern(SHARED_TEXTURES[obj["texture"]], u[m], v[m], r, obj["phase"])
+        rgb = nuisance_rgb(obj["colour"], obj["hue"], obj["gain"], obj["grey"])
+    else:
+        m = shape_mask(shape, u, v, r)
+        t = thing_texture(texture, u[m], v[m], r)
+        rgb = _PALETTE_RGB[obj["colour"]] * (0.45 if obj.get("muted") else 1.0) + (0.25 if obj.get("muted") else 0.0)
     img[:, y0:y1, x0:x1][:, m] = rgb[:, None] * (0.15 + 0.85 * t)
     sem[y0:y1, x0:x1][m] = obj["cls"]
     inst[y0:y1, x0:x1][m] = inst_id
 
 def sample_object(rng: np.random.Generator, size: int, cls: int, scale: tuple[float, float] = (0.1, 0.22),
-                  colour: int | None = None) -> dict:
-    "An object of thing class id `cls` with a random colour, position, radius and angle."
+                  colour: int | None = None, palette: str = "class") -> dict:
+    """An object of thing class id `cls` with a random colour, position, radius and angle; with `palette="shared"`
+    also a random texture from `SHARED_TEXTURES` (with its phase) and a colour nuisance."""
     r = float(rng.uniform(*scale)) * size
-    return dict(cls=int(cls), colour=int(rng.integers(len(COLOURS))) if colour is None else int(colour),
-                cy=float(rng.uniform(r * 0.5, size - r * 0.5)), cx=float(rng.uniform(r * 0.5, size - r * 0.5)),
-                r=r, angle=float(rng.uniform(0, 2 * np.pi)))
+    obj = dict(cls=int(cls), colour=int(rng.integers(len(COLOURS))) if colour is None else int(colour),
+               cy=float(rng.uniform(r * 0.5, size - r * 0.5)), cx=float(rng.uniform(r * 0.5, size - r * 0.5)),
+               r=r, angle=float(rng.uniform(0, 2 * np.pi)))
+    if palette == "shared":
+        obj.update(texture=int(rng.integers(len(SHARED_TEXTURES))), phase=float(rng.uniform(0, 20)), **sample_nuisance(rng))
+    return obj
+
+APPEARANCE = ("colour", "texture", "phase", "hue", "grey")  # what a look-alike copies (gain stays its own)
+
+def copy_appearance(dst: dict, src: dict) -> None:
+    "Give object `dst` the appearance of `src`: its colour and, under the shared palette, its texture and hue."
+    dst.update({k: src[k] for k in APPEARANCE if k in src})
 
 def sample_scene(rng: np.random.Generator, size: int = 64, difficulty: float = 0.5, things: list[int] = (),
-                 allowed: list[int] | None = None, n_objects: int | None = None, stuff: dict | None = None) -> dict:
+                 allowed: list[int] | None = None, n_objects: int | None = None, stuff: dict | None = None,
+                 palette: str = "class") -> dict:
     """A scene spec. The classes in `things` must appear, painted last (in front, in that order) so they stay visible;
     the other objects (up to `n_objects` in all) come from `allowed` (default: all things) and, with probability
-    `difficulty`/2 each, are a look-alike of the first object in the same colour."""
+    `difficulty`/2 each, are a look-alike of the first object in the same colour (and, with `palette="shared"`, the
+    same texture and hue). `palette` is 'class' (default) or 'shared' (see `PALETTES`)."""
+    check_palette(palette)
     allowed = list(range(NUM_STUFF, NUM_CLASSES)) if allowed is None else list(allowed)
     n = n_objects if n_objects is not None else int(rng.integers(1, 3 + round(2 * difficulty)))
     n = max(n, len(things))
     lo = 0.13 - 0.05 * difficulty
-    objects = [sample_object(rng, size, c, (lo, 0.22)) for c in things]
+    objects = [sample_object(rng, size, c, (lo, 0.22), palette=palette) for c in things]
     while len(objects) < n and allowed:
         near = [c for c in lookalikes(objects[0]["cls"]) if c in allowed] if objects else []
-        if near and rng.random() < difficulty / 2:  # a deliberate look-alike distractor, same colour
-            objects.append(sample_object(rng, size, int(rng.choice(near)), (lo, 0.22), objects[0]["colour"]))
+        if near and rng.random() < difficulty / 2:  # a deliberate look-alike distractor, same colour (and texture)
+            objects.append(sample_object(rng, size, int(rng.choice(near)), (lo, 0.22), objects[0]["colour"], palette))
+            copy_appearance(objects[-1], objects[0])
         else:
-            objects.append(sample_object(rng, size, int(rng.choice(allowed)), (lo, 0.22)))
+            objects.append(sample_object(rng, size, int(rng.choice(allowed)), (lo, 0.22), palette=palette))
     k = len(things)
     order = list(rng.permutation(len(objects))) if not k else list(range(k, len(objects))) + list(range(k))
     light = dict(gain=float(rng.uniform(1 - 0.3 * difficulty, 1 + 0.1 * difficulty)),
                  gy=float(rng.uniform(-1, 1) * 0.5 * difficulty), gx=float(rng.uniform(-1, 1) * 0.5 * difficulty),
                  noise=0.01 + 0.07 * difficulty)
-    return dict(size=size, stuff=stuff or sample_stuff(rng, size), objects=[objects[j] for j in order], light=light)
+    return dict(size=size, stuff=stuff or sample_stuff(rng, size, palette=palette), objects=[objects[j] for j in order],
+                light=light)
 
 @functools.lru_cache(maxsize=1)
 def _noise_bank() -> np.ndarray:
@@ -321,7 +399,8 @@ def _semantic_dict(spec: dict, img: np.ndarray, sem: np.ndarray, inst: np.ndarra
     areas = instances.sum((1, 2))
     order = np.argsort(-areas, kind="stable")
     stuff_counts = np.bincount(sem[inst == 0], minlength=NUM_STUFF)[:NUM_STUFF]
-    caption = caption_of([(COLOURS[objs[j]["colour"]], objs[j]["cls"]) for j in order], int(np.argmax(stuff_counts)))
+    caption = caption_of([(COLOURS[objs[j]["colour"]], objs[j]["cls"]) for j in order], int(np.argmax(stuff_counts)),
+                         meta.get("palette", "class"))
     return dict(image=torch.from_numpy(img), mask=torch.from_numpy(sem.astype(np.int64)), labels=torch.from_numpy(labels),
                 boxes=torch.from_numpy(boxes_of(instances)), box_labels=torch.tensor([o["cls"] for o in objs], dtype=torch.int64),
                 scribble=torch.from_numpy(scribble.astype(np.int64)), instances=torch.from_numpy(instances),
@@ -330,17 +409,18 @@ def _semantic_dict(spec: dict, img: np.ndarray, sem: np.ndarray, inst: np.ndarra
 # %% ../nbs/00_foundations/01_toyworld.ipynb #b90dfee4
 class SemanticScenes(ToyDataset):
     """Semantic scenes: `image`, `mask` (ids into `CLASS_NAMES`), `labels`, `boxes`/`box_labels` (things),
-    `scribble`, `instances`, `caption`, `meta`. `n` scenes of `size`x`size` pixels."""
+    `scribble`, `instances`, `caption`, `meta`. `n` scenes of `size`x`size` pixels; `palette` 'class' or 'shared'."""
     view = "semantic"
-    def __init__(self, n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5):
+    def __init__(self, n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5, palette: str = "class"):
         super().__init__(n, seed)
-        self.size, self.difficulty = int(size), _check_difficulty(difficulty)
+        self.size, self.difficulty, self.palette = int(size), _check_difficulty(difficulty), check_palette(palette)
         if self.size < 16:
             raise ValueError(f"size must be >= 16 pixels, got {size}")
     def sample(self, rng, i):
-        spec = sample_scene(rng, self.size, self.difficulty)
+        spec = sample_scene(rng, self.size, self.difficulty, palette=self.palette)
         img, sem, inst = render_scene(spec, rng)
-        return _semantic_dict(spec, img, sem, inst, rng, _meta(self.view, self.seed, i, difficulty=self.difficulty))
+        return _semantic_dict(spec, img, sem, inst, rng, _meta(self.view, self.seed, i, difficulty=self.difficulty,
+                                                                palette=self.palette))
 
 def collate(batch: list[dict]) -> dict:
     "Stack tensors of equal shape along a new batch dimension; keep everything else (and ragged tensors) as lists."
@@ -357,18 +437,19 @@ def colour_mask(spec: dict, inst: np.ndarray) -> np.ndarray:
     "Object-colour class map `[H,W]` of a rendered scene: 0 = stuff, c+1 = an object of palette colour c (`COLOUR_CLASSES`)."
     return np.asarray([0] + [o["colour"] + 1 for o in spec["objects"]], np.uint8)[inst]
 
-def make_scenes(n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5, label: str = "class") -> dict:
+def make_scenes(n: int, size: int = 64, seed: int = 0, difficulty: float = 0.5, label: str = "class",
+                palette: str = "class") -> dict:
     """`n` semantic scenes as batched tensors (`image` [n,3,H,W], `mask` [n,H,W], `labels` [n,K]) for fast
-    training loops; scene `i` is the same as `SemanticScenes(n, size, seed, difficulty)[i]`'s image and mask.
+    training loops; scene `i` is the same as `SemanticScenes(n, size, seed, difficulty, palette)[i]`'s image and mask.
     `label="colour"` labels the same scenes by object colour instead (`COLOUR_CLASSES`, K = 7, 0 = all stuff)."""
-    _check_difficulty(difficulty)
+    _check_difficulty(difficulty); check_palette(palette)
     if label not in ("class", "colour"):
         raise ValueError(f"label must be 'class' (CLASS_NAMES) or 'colour' (COLOUR_CLASSES), got {label!r}")
     imgs = np.empty((n, 3, size, size), np.float32)
     masks = np.empty((n, size, size), np.uint8)
     for i in range(n):
         rng = sample_rng(seed, "semantic", i)
-        spec = sample_scene(rng, size, difficulty)
+        spec = sample_scene(rng, size, difficulty, palette=palette)
         imgs[i], sem, inst = render_scene(spec, rng)
         masks[i] = sem if label == "class" else colour_mask(spec, inst)
     masks = torch.from_numpy(masks).long()
@@ -391,8 +472,9 @@ class FewShotEpisodes(ToyDataset):
     view = "fewshot"
     def __init__(self, n: int, fold: int = 0, shots: int = 1, train: bool = False, size: int = 64, seed: int = 0,
                  difficulty: float = 0.5, bg_similarity: float = 0.0, support_lookalike: float = 0.0,
-                 query_distractors: int = 0, support_colour: float = 0.0):
+                 query_distractors: int = 0, support_colour: float = 0.0, palette: str = "class"):
         super().__init__(n, seed)
+        self.palette = check_palette(palette)
         self.classes = fold_classes(fold, train)
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
@@ -408,15 +490,17 @@ class FewShotEpisodes(ToyDataset):
         self.allowed = fold_classes(fold, True) if train else list(range(NUM_STUFF, NUM_CLASSES))
 
     def _scene(self, rng, c, stuff=None, lookalike=False, colour=None, distractors=0):
-        "One scene with class `c` in front (in `colour` if given) and at least `distractors` objects of other classes."
+        """One scene with class `c` in front (with the appearance of object `colour` if given: its colour, and under the
+        shared palette its texture and hue) and at least `distractors` objects of other classes."""
         near = [k for k in lookalikes(c) if k in self.allowed]
         things = [int(rng.choice(near)), c] if lookalike and near else [c]
         n = max(int(rng.integers(1, 3 + round(2 * self.difficulty))), len(things) + distractors) if distractors else None
-        spec = sample_scene(rng, self.size, self.difficulty, things, [k for k in self.allowed if k != c], n, stuff=stuff)
+        spec = sample_scene(rng, self.size, self.difficulty, things, [k for k in self.allowed if k != c], n, stuff=stuff,
+                            palette=self.palette)
         if colour is not None:
-            spec["objects"][-1]["colour"] = colour
+            copy_appearance(spec["objects"][-1], colour)
         if len(things) == 2:
-            spec["objects"][-2]["colour"] = spec["objects"][-1]["colour"]
+            copy_appearance(spec["objects"][-2], spec["objects"][-1])
         img, sem, _ = render_scene(spec, rng)
         return torch.from_numpy(img), torch.from_numpy((sem == c).astype(np.int64)), spec
 
@@ -426,12 +510,12 @@ class FewShotEpisodes(ToyDataset):
         shared = [bool(rng.random() < self.bg_similarity) for _ in range(self.shots)]
         lookalike = [bool(rng.random() < self.support_lookalike) for _ in range(self.shots)]
         same = [bool(rng.random() < self.support_colour) for _ in range(self.shots)] if self.support_colour else [False] * self.shots
-        target_colour = q_spec["objects"][-1]["colour"]
+        target_colour = q_spec["objects"][-1]
         sup = [self._scene(rng, c, q_spec["stuff"] if sh else None, la, target_colour if sc else None)
                for sh, la, sc in zip(shared, lookalike, same)]
         return dict(support_images=torch.stack([s[0] for s in sup]), support_masks=torch.stack([s[1] for s in sup]),
                     query_image=q_img, query_mask=q_mask, class_id=c,
-                    meta=_meta(self.view, self.seed, i, fold=self.fold, shots=self.shots, train=self.train,
+                    meta=_meta(self.view, self.seed, i, fold=self.fold, shots=self.shots, train=self.train, palette=self.palette,
                                shared_background=shared, lookalike_in_support=lookalike, support_colour=same,
                                n_query_distractors=sum(o["cls"] != c for o in q_spec["objects"]),
                                class_name=CLASS_NAMES[c], classes_in_scenes=sorted({o["cls"] for s in sup for o in s[2]["objects"]}
@@ -462,19 +546,22 @@ class SaliencyScenes(ToyDataset):
 class CoSaliencyGroups(ToyDataset):
     "`n` groups of `group_size` images sharing thing class `class_id`: `images` [G,3,H,W], `masks` [G,H,W] float."
     view = "cosaliency"
-    def __init__(self, n: int, group_size: int = 5, size: int = 64, seed: int = 0, difficulty: float = 0.5):
+    def __init__(self, n: int, group_size: int = 5, size: int = 64, seed: int = 0, difficulty: float = 0.5,
+                 palette: str = "class"):
         super().__init__(n, seed)
+        self.palette = check_palette(palette)
         self.group_size, self.size, self.difficulty = group_size, size, _check_difficulty(difficulty)
     def sample(self, rng, i):
         c = int(rng.integers(NUM_STUFF, NUM_CLASSES))
         others = [k for k in range(NUM_STUFF, NUM_CLASSES) if k != c]
         images, masks = [], []
         for _ in range(self.group_size):
-            spec = sample_scene(rng, self.size, self.difficulty, [c], others, n_objects=int(rng.integers(2, 4)))
+            spec = sample_scene(rng, self.size, self.difficulty, [c], others, n_objects=int(rng.integers(2, 4)),
+                                palette=self.palette)
             img, sem, _ = render_scene(spec, rng)
             images.append(torch.from_numpy(img)); masks.append(torch.from_numpy((sem == c).astype(np.float32)))
         return dict(images=torch.stack(images), masks=torch.stack(masks), class_id=c,
-                    meta=_meta(self.view, self.seed, i, class_name=CLASS_NAMES[c]))
+                    meta=_meta(self.view, self.seed, i, class_name=CLASS_NAMES[c], palette=self.palette))
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #08eba088
 CARDIAC_CLASSES = ["background", "RV", "Myo", "LV"]
@@ -696,8 +783,9 @@ class SyntheticPairs(ToyDataset):
     `round(image_noise*n)` / `round(label_noise*n)` of them are flagged (the sets are a function of seed and n)."""
     view = "pairs"
     def __init__(self, n: int, size: int = 64, seed: int = 0, difficulty: float = 0.3, image_noise: float = 0.2,
-                 label_noise: float = 0.2):
+                 label_noise: float = 0.2, palette: str = "class"):
         super().__init__(n, seed)
+        self.palette = check_palette(palette)
         for name, p in dict(image_noise=image_noise, label_noise=label_noise).items():
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} is a fraction in [0, 1], got {p}")
@@ -707,7 +795,7 @@ class SyntheticPairs(ToyDataset):
         self.annotation_wrong = np.zeros(n, bool); self.annotation_wrong[g.permutation(n)[:round(label_noise * n)]] = True
     def sample(self, rng, i):
         bad = np.random.default_rng([self.seed, i, 7])  # corruption draws never touch the clean pair's stream
-        spec = sample_scene(rng, self.size, self.difficulty)
+        spec = sample_scene(rng, self.size, self.difficulty, palette=self.palette)
         img, sem, inst = render_scene(spec, rng)
         kinds = []
         if self.image_corrupted[i]:
@@ -716,7 +804,7 @@ class SyntheticPairs(ToyDataset):
         if self.annotation_wrong[i]:
             kinds.append(str(bad.choice(LABEL_CORRUPTIONS)))
             spec, sem, inst = corrupt_annotation(spec, sem, inst, kinds[-1], bad)
-        out = _semantic_dict(spec, img, sem, inst, rng, _meta(self.view, self.seed, i, corruptions=kinds))
+        out = _semantic_dict(spec, img, sem, inst, rng, _meta(self.view, self.seed, i, corruptions=kinds, palette=self.palette))
         return dict(out, image_corrupted=bool(self.image_corrupted[i]), annotation_wrong=bool(self.annotation_wrong[i]))
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #cd389cd2
@@ -739,21 +827,22 @@ class IncrementalSteps(ToyDataset):
     current-step class."""
     view = "incremental"
     def __init__(self, n: int, task: str = "4-2", step: int = 0, train: bool = True, size: int = 64, seed: int = 0,
-                 difficulty: float = 0.5):
+                 difficulty: float = 0.5, palette: str = "class"):
         super().__init__(n, seed)
+        self.palette = check_palette(palette)
         self.current = step_classes(task, step)
         self.labelled = self.current if train else list(range(1, self.current[-1] + 1))
         self.task, self.step, self.train, self.size, self.difficulty = task, step, train, size, _check_difficulty(difficulty)
     def sample(self, rng, i):
         c = int(rng.choice(self.current))
-        spec = sample_scene(rng, self.size, self.difficulty, [c - 1 + NUM_STUFF])
+        spec = sample_scene(rng, self.size, self.difficulty, [c - 1 + NUM_STUFF], palette=self.palette)
         img, sem, _ = render_scene(spec, rng)
         lut = np.zeros(NUM_CLASSES, np.int64)
         lut[[k - 1 + NUM_STUFF for k in self.labelled]] = self.labelled
         mask = lut[sem]
         labels = torch.zeros(len(INC_CLASSES)); labels[np.unique(mask)] = 1
         return dict(image=torch.from_numpy(img), mask=torch.from_numpy(mask), labels=labels,
-                    meta=_meta(self.view, self.seed, i, task=self.task, step=self.step, train=self.train))
+                    meta=_meta(self.view, self.seed, i, task=self.task, step=self.step, train=self.train, palette=self.palette))
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #e8ba7489
 GROUNDING_VERBS = ["throws", "catches", "paints", "kicks", "drops", "lifts"]
@@ -849,9 +938,10 @@ def chance_miou(train: dict, val: dict, seed: int = 0) -> float:
     pred = torch.multinomial(freq / freq.sum(), val["mask"].numel(), replacement=True, generator=g)
     return miou(pred, val["mask"].flatten())
 
-def tour(profile: str | None = "toy") -> dict:
+def tour(profile: str | None = "toy", ckpt: str | None = None) -> dict:
     """Train `TinyFCN` on ToyWorld semantic scenes and report validation mIoU beside chance and the colour-only
-    baseline (the foundations' entry of `seglab tour`)."""
+    baseline (the foundations' entry of `seglab tour`). With `ckpt` the run checkpoints there and resumes from it."""
+    from seglab.engine import fit  # the training loop of the foundations (05_engine)
     cfg = pick(TOUR_CONFIG, profile)
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -862,16 +952,17 @@ def tour(profile: str | None = "toy") -> dict:
     model = TinyFCN(width=cfg.width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.steps):
-        idx = torch.randint(cfg.n_train, (cfg.batch,), generator=g)
-        x, y = train["image"][idx].to(device), train["mask"][idx].to(device)
-        if torch.rand(1, generator=g) < 0.5:  # horizontal flip
-            x, y = x.flip(-1), y.flip(-1)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step(); sched.step()
+
+    def batches(epoch: int):  # one stream for the whole run, a function of the seed only (so a resume can replay it)
+        g = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(cfg.steps):
+            idx = torch.randint(cfg.n_train, (cfg.batch,), generator=g)
+            x, y = train["image"][idx], train["mask"][idx]
+            if torch.rand(1, generator=g) < 0.5:  # horizontal flip
+                x, y = x.flip(-1), y.flip(-1)
+            yield x, y
+    fit(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, opt, steps=cfg.steps, scheduler=sched, amp=False,
+        ckpt=ckpt, ckpt_every=max(1, cfg.steps // 10), log_every=10, seed=cfg.seed, device=device, desc="toyworld")
     model.eval()
     cm = ConfusionMatrix(NUM_CLASSES)
     with torch.no_grad():

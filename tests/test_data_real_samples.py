@@ -398,3 +398,52 @@ def test_registry_layouts_and_fetch_hint(tmp_path):
     save(tmp_path / "coca/CoCA/image/g1/x.jpg", rgb(4, 4))                          # unpacked one level down
     save(tmp_path / "coca/CoCA/binary/g1/x.png", np.zeros((4, 4), np.uint8))
     assert CoSaliencyGroups(tmp_path / "coca", name="coca", size=4)[0]["images"].shape == (1, 3, 4, 4)
+
+
+# ------------------------------------------------------------------ truncated sample files (issue #14)
+def _truncated_voc(tmp_path, which: str, marker: bool):
+    "A one-image VOC layout copied from the samples, with the JPEG or the PNG cut to a third of its bytes."
+    src = DATA / "voc_samples"
+    sid = sorted(p.stem for p in (src / "SegmentationClass").glob("*.png"))[0]
+    top = tmp_path / "voc2012"
+    voc = top / "VOCdevkit" / "VOC2012"
+    for sub, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        (voc / sub).mkdir(parents=True)
+        data = (src / sub / f"{sid}.{ext}").read_bytes()
+        (voc / sub / f"{sid}.{ext}").write_bytes(data[:len(data) // 3] if sub.startswith(which) else data)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text(sid + "\n")
+    if marker:
+        (top / ".seglab_ready.json").write_text(json.dumps({"name": "voc2012", "subset": None}))
+    return top, voc / ("JPEGImages" if which == "JPEG" else "SegmentationClass") / f"{sid}.{'jpg' if which == 'JPEG' else 'png'}"
+
+
+@needs_samples
+@pytest.mark.parametrize("which", ["JPEG", "Segmentation"])
+@pytest.mark.parametrize("marker", [True, False])
+def test_truncated_image_names_file_and_fix(tmp_path, which, marker):
+    from seglab.data.datasets import CorruptFileError
+    top, bad = _truncated_voc(tmp_path, which, marker)
+    ds = VOCSegmentation(top, split="train")
+    with pytest.raises(CorruptFileError) as e:
+        ds[0]
+    msg = str(e.value)
+    assert str(bad) in msg and "truncated or damaged" in msg and "Fix:" in msg, msg
+    if marker:      # inside a folder that `seglab data get` prepared: the fix is the command that re-extracts it
+        assert f"seglab data get voc2012 --root {tmp_path}" in msg, msg
+    assert isinstance(e.value, DatasetNotFoundError)          # callers that catch the missing-data error catch it too
+
+
+@needs_samples
+def test_truncated_h5_names_file_and_fix(tmp_path):
+    from seglab.data.datasets import CorruptFileError, read_h5
+    src = sorted((DATA / "acdc" / "ACDC_training_slices").glob("*.h5"))[0]
+    good = read_h5(src)
+    assert set(good) >= {"image", "label"}
+    data = src.read_bytes()
+    for cut in (len(data) // 3, len(data) - 100):
+        bad = tmp_path / f"cut{cut}.h5"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CorruptFileError) as e:
+            read_h5(bad)
+        assert str(bad) in str(e.value) and "Fix:" in str(e.value)

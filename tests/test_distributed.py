@@ -112,3 +112,45 @@ def test_two_process_crash_resumes_exactly(script, ddp_run, tmp_path):
         a, b = weights(tmp_path / f"rank{rank}.pt"), weights(ddp_run / f"rank{rank}.pt")
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         assert a["loss"] == b["loss"]
+
+
+TENSOR_SCRIPT = """
+import sys
+import torch, torch.nn.functional as F
+from torch import nn
+from seglab.engine import dist_info, fit, tensor_batches
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+data = dict(x=torch.randn(48, 8, generator=g), idx=torch.arange(48))
+data["y"] = (data["x"][:, :3] @ torch.randn(3, 3, generator=g)).argmax(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+seen = []
+
+def step(net, batch):
+    seen.append(batch["idx"].tolist())
+    return dict(loss=F.cross_entropy(net(batch["x"]), batch["y"]))
+
+fit(model, step, tensor_batches(data, 8, seed=3), opt, steps=12, seed=1)
+rank, world = dist_info()
+torch.save(dict(model=model.state_dict(), seen=seen), f"{out}/rank{rank}.pt")
+"""
+
+
+def test_tensor_batches_shard_over_processes(tmp_path):
+    "Two processes see disjoint halves of every global batch and end where one process with that batch ends."
+    script = tmp_path / "tensor_train.py"
+    script.write_text(TENSOR_SCRIPT)
+    for name, nproc in (("ddp", 2), ("single", 1)):
+        result = launch(script, tmp_path / name, nproc=nproc, batch_size=0)
+        assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = weights(tmp_path / "ddp" / "rank0.pt"), weights(tmp_path / "ddp" / "rank1.pt")
+    one = weights(tmp_path / "single" / "rank0.pt")
+    assert len(r0["seen"]) == len(one["seen"]) == 12
+    for a, b, whole in zip(r0["seen"], r1["seen"], one["seen"]):
+        assert len(a) == len(b) == 4 and not set(a) & set(b) and a + b == whole
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), f"ranks disagree on {k}"
+        assert torch.allclose(r0["model"][k], one["model"][k], atol=1e-5), f"DDP != single process on {k}"

@@ -10,6 +10,7 @@ import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -24,17 +25,38 @@ from ..toyworld import boxes_of
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'COCOSTUFF27_CLASSES', 'CITYSCAPES_NAMES', 'CAMVID_CLASSES', 'ACDC_CLASSES', 'PASCAL_FOLD_CLASSES',
-           'COCO_FOLD_CLASSES', 'DatasetNotFoundError', 'dataset_root', 'sample_data_dir', 'fetch_hint', 'require',
-           'nested', 'find_subdir', 'read_image', 'read_label', 'id_counts', 'multi_hot', 'boxes_from_masks',
-           'read_list', 'voc_boxes', 'VOCSegmentation', 'rasterize_polygons', 'rle_decode', 'COCOSegmentation',
-           'YOLOSegmentation', 'cocostuff_fine_to_27', 'CocoStuff27', 'cityscapes_lut', 'Cityscapes', 'CamVid',
-           'ACDCSlices', 'ACDCVolumes', 'binary_mask', 'sduts_scribble', 'SODDataset', 'resize_image', 'resize_mask',
-           'CoSaliencyGroups', 'fit_mask', 'DAVIS', 'read_table', 'CUB200', 'QVHighlights', 'fold_classes',
-           'class_areas', 'binary_target', 'FewShotSegEpisodes']
+           'COCO_FOLD_CLASSES', 'DatasetNotFoundError', 'CorruptFileError', 'corrupt_file_error', 'dataset_root',
+           'sample_data_dir', 'fetch_hint', 'require', 'nested', 'find_subdir', 'open_image', 'read_image',
+           'read_label', 'read_h5', 'id_counts', 'multi_hot', 'boxes_from_masks', 'read_list', 'voc_boxes',
+           'VOCSegmentation', 'rasterize_polygons', 'rle_decode', 'COCOSegmentation', 'YOLOSegmentation',
+           'cocostuff_fine_to_27', 'CocoStuff27', 'cityscapes_lut', 'Cityscapes', 'CamVid', 'ACDCSlices', 'ACDCVolumes',
+           'binary_mask', 'sduts_scribble', 'SODDataset', 'resize_image', 'resize_mask', 'CoSaliencyGroups', 'fit_mask',
+           'DAVIS', 'read_table', 'CUB200', 'QVHighlights', 'fold_classes', 'class_areas', 'binary_target',
+           'FewShotSegEpisodes']
 
 # %% ../../nbs/00_foundations/02a_datasets.ipynb #2587f44d
 class DatasetNotFoundError(FileNotFoundError):
     "A dataset's files are missing or incomplete; the message names the command that fetches them."
+
+class CorruptFileError(DatasetNotFoundError):
+    "A dataset file is there but cannot be decoded (truncated or damaged); the message names the file and the fix."
+
+def corrupt_file_error(path: str | Path, error: BaseException) -> CorruptFileError:
+    """The error for a file that cannot be decoded: its path, what the decoder said, and the fix (re-extracting the
+    dataset from its verified download when the file lies in a folder prepared by `seglab data get`)."""
+    path = Path(path)
+    folder = next((p for p in path.parents if (p / ".seglab_ready.json").is_file()), None)
+    if folder is not None:
+        try:
+            name = json.loads((folder / ".seglab_ready.json").read_text()).get("name") or folder.name
+        except (OSError, ValueError):
+            name = folder.name
+        fix = (f"re-extract it from the verified download: delete {folder} and run "
+               f"`seglab data get {name} --root {folder.parent}`")
+    else:
+        fix = "replace it with an intact copy (copy it again, or re-download the dataset it comes from)"
+    return CorruptFileError(f"{path}: cannot read this file, it is truncated or damaged "
+                            f"({type(error).__name__}: {error}). Fix: {fix}.")
 
 def dataset_root(name: str, root: str | Path | None = None) -> Path:
     "`root` if given, else `data_root() / name`."
@@ -77,19 +99,41 @@ def find_subdir(root: Path, candidates) -> Path | None:
     return next((Path(root) / c for c in candidates if (Path(root) / c).is_dir()), None)
 
 # %% ../../nbs/00_foundations/02a_datasets.ipynb #afdc4f73
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)   # what PIL / h5py / numpy raise on damaged bytes
+
+def open_image(path: str | Path) -> Image.Image:
+    "Open and fully decode an image file; a truncated or damaged one raises `CorruptFileError` naming it and the fix."
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise corrupt_file_error(path, e) from None
+    return im
+
 def read_image(path: str | Path) -> torch.Tensor:
     "An image file as float32 [3,H,W] in [0,1] (any mode converted to RGB)."
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    arr = np.asarray(open_image(path).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 def read_label(path: str | Path) -> np.ndarray:
     "A label PNG (palette or grayscale) as an integer [H,W] array of the stored indices."
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L", "I", "I;16", "1"):
-            raise ValueError(f"{path} is a {im.mode} image, not an index map: convert the colour labels to class "
-                             "ids first (a palette PNG, or one id per pixel in an 'L' PNG).")
-        return np.array(im).astype(np.int64)
+    im = open_image(path)
+    if im.mode not in ("P", "L", "I", "I;16", "1"):
+        raise ValueError(f"{path} is a {im.mode} image, not an index map: convert the colour labels to class "
+                         "ids first (a palette PNG, or one id per pixel in an 'L' PNG).")
+    return np.array(im).astype(np.int64)
+
+def read_h5(path: str | Path, keys=("image", "label", "scribble")) -> dict:
+    "The arrays `keys` of an h5 file (absent keys skipped); a truncated or damaged file raises `CorruptFileError`."
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: f[k][()] for k in keys if k in f}
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise corrupt_file_error(path, e) from None
 
 def id_counts(mask) -> dict[int, int]:
     "Pixel count of every id in a non-negative integer label map (`np.bincount`: far faster than sorting)."
@@ -807,8 +851,11 @@ class QVHighlights(Dataset):
             if not p.exists():
                 raise DatasetNotFoundError(f"qvhighlights_features: {p} is missing (an incomplete copy). "
                                            + fetch_hint("qvhighlights_features", self.feature_root.parent) + ".")
-            with np.load(p) as z:
-                feats.append(torch.from_numpy(z["features"].astype(np.float32)))
+            try:
+                with np.load(p) as z:
+                    feats.append(torch.from_numpy(z["features"].astype(np.float32)))
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+                raise corrupt_file_error(p, e) from None
         T = min(len(f) for f in feats)
         return torch.cat([f[:T] for f in feats], dim=1)
 

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import lzma
 import os
 import re
 import shutil
@@ -23,9 +24,11 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
@@ -33,11 +36,13 @@ from tqdm.auto import tqdm
 from ..config import atomic_path, data_root
 
 # %% auto #0
-__all__ = ['REGISTRY', 'FAMILIES', 'LOCK_NAME', 'PREPARERS', 'ACDC_SPLIT', 'MARKER', 'FileSpec', 'Subset', 'DatasetSpec',
-           'DownloadError', 'ChecksumError', 'UnsafeArchiveError', 'ManualDownloadRequired', 'file_digests',
-           'verify_file', 'download', 'local_server', 'safe_extract', 'read_lock', 'fetch_file', 'voc_course_lists',
-           'voc_aug_lists', 'pascal5i_folds', 'coco20i_folds', 'acdc_split_lists', 'get_command', 'missing_paths',
-           'get', 'check', 'registry_table', 'format_table', 'data_cli', 'family_main']
+__all__ = ['COCOSTUFF27_COURSE', 'COCOSTUFF27_LISTS', 'REGISTRY', 'FAMILIES', 'MAX_MEMBER_PATH', 'MAX_NAME', 'LOCK_NAME',
+           'PREPARERS', 'ACDC_SPLIT', 'MARKER', 'FileSpec', 'Subset', 'DatasetSpec', 'DownloadError', 'ChecksumError',
+           'CorruptArchiveError', 'UnsafeArchiveError', 'ManualDownloadRequired', 'file_digests', 'verify_file',
+           'download', 'local_server', 'safe_extract', 'read_lock', 'unpin', 'archive_problem', 'fetch_file',
+           'voc_course_lists', 'voc_aug_lists', 'pascal5i_folds', 'coco20i_folds', 'cocostuff27_subset',
+           'acdc_split_lists', 'get_command', 'missing_paths', 'get', 'check', 'registry_table', 'format_table',
+           'data_cli', 'family_main']
 
 # %% ../../nbs/00_foundations/02_data.ipynb #b89f78c4
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,10 @@ _DAVIS_VAL_SEQS = ("bike-packing", "blackswan", "bmx-trees", "breakdance", "came
 _DAVIS_TRAIN_SEQS = ("bear", "bmx-bumps", "boat", "boxing-fisheye", "breakdance-flare", "bus", "car-turn",
                    "cat-girl", "classic-car", "color-run")
 
+# The HP chapter's full recipe (its CONFIG's n_train / n_val) uses the first ids of the IIC curated lists.
+COCOSTUFF27_COURSE = {"train": 2000, "val": 500}
+COCOSTUFF27_LISTS = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
+
 def _manual(name, file, where):
     return _DRIVE_ONLY.format(name=name, file=file, where=where)
 
@@ -123,7 +132,7 @@ _ENTRIES = [
         (FileSpec("VOCtrainval_11-May-2012.tar",
                   ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
                    "http://pjreddie.com/media/files/VOCtrainval_11-May-2012.tar",
-                   "http://d2l-data.s3-accelerate.amazonaws.com/VOCtrainval_11-May-2012.tar"),
+                   "https://d2l-data.s3-accelerate.amazonaws.com/VOCtrainval_11-May-2012.tar"),
                   size=1999639040, sha256="e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb",
                   md5="6cd6e144f989b92b3379bac3b3de84fd",
                   checksum_source=_TFDS.format("voc") + " (size, sha256); torchvision datasets/voc.py (md5)"),),
@@ -194,11 +203,23 @@ _ENTRIES = [
               "coco2014's instances json."),
     DatasetSpec(
         "cocostuff27", "COCO-Stuff-27 (STEGO's curated release)", "coco",
-        (FileSpec("cocostuff.zip", ("https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip",)),),
+        (FileSpec("cocostuff.zip", ("https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip",),
+                  checksum_source="none published (seglab knows of none for STEGO's zip): the first download is "
+                                  "pinned in registry.lock.json only once it is known to be whole"),),
         ("cocostuff/images", "cocostuff/annotations", "cocostuff/curated"),
         "COCO-Stuff annotations CC BY 4.0; images under Flickr terms",
         "H. Caesar, J. Uijlings, V. Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. CVPR 2018.",
-        "https://github.com/mhamilton723/STEGO"),
+        "https://github.com/mhamilton723/STEGO", prepare=("cocostuff27_subset",),
+        subsets={"course": Subset(
+            f"the HP recipe's images only: the first {COCOSTUFF27_COURSE['train']:,} ids of the curated train list and "
+            f"the first {COCOSTUFF27_COURSE['val']:,} of the curated val list ("
+            f"{sum(COCOSTUFF27_COURSE.values()):,} images with their annotations), both lists cut to those ids. The "
+            "zip is still downloaded whole (STEGO publishes no smaller file).", include=("cocostuff/curated/*",))},
+        notes="Pinning: no checksum is published for cocostuff.zip, so its sha256 and size are trusted on first use "
+              "and written to <root>/registry.lock.json, but only after a clean, complete download (the server's "
+              "announced length matched, or the zip's central directory lists every member); every later download "
+              "must match the pin (`seglab data unpin cocostuff27` clears it). The `course` subset extracts only the "
+              "2,500 images the HP chapter uses, picked from the curated lists inside the zip."),
     DatasetSpec(
         "cityscapes", "Cityscapes (fine annotations)", "cityscapes",
         (FileSpec("gtFine_trainvaltest.zip"), FileSpec("leftImg8bit_trainvaltest.zip")),
@@ -342,6 +363,9 @@ class DownloadError(RuntimeError):
 class ChecksumError(DownloadError):
     "The bytes do not match the expected size or checksum, or they are an HTML page."
 
+class CorruptArchiveError(DownloadError):
+    "An archive is truncated or damaged (it cannot be listed or read to its end); the message names the file and the fix."
+
 class UnsafeArchiveError(ValueError):
     "An archive member would escape the target folder or is not a plain file, folder or inner link."
 
@@ -363,20 +387,38 @@ def file_digests(path: str | Path, md5: bool = False) -> dict:
                 h.update(chunk)
     return {k: h.hexdigest() for k, h in hashes.items()}
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+def _text_head(head: bytes) -> bytes:
+    "The first bytes with leading white space and a byte-order mark removed (UTF-16 re-encoded as ASCII-ish bytes)."
+    head = head.lstrip()
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            head = head[len(bom):].decode(codec, "ignore").encode("ascii", "ignore") if codec != "utf-8" else head[3:]
+            return head.lstrip()
+    return head
+
+_HTML = re.compile(rb"<(!doctype\s+html|html|head|body|\?xml|!--|title|meta|script|error)\b", re.IGNORECASE)
+
 def verify_file(path: str | Path, size: int | None = None, sha256: str | None = None, md5: str | None = None,
                 reject_html: bool = True) -> dict:
-    "Check size, HTML-ness and checksums of `path`; return `{'size', 'sha256'}` or raise `ChecksumError`."
+    """Check size, checksums and HTML-ness of `path`; return `{'size', 'sha256'}` or raise `ChecksumError`.
+
+    Bytes that match a known checksum are the file, whatever they start with; otherwise a body that starts like an
+    HTML/XML page (also behind a byte-order mark) is reported as such: an error or quota page, not the data."""
     path = Path(path)
     n = path.stat().st_size
-    if reject_html:
+    got = file_digests(path, md5=md5 is not None)
+    proven = (sha256 is not None or md5 is not None) and (sha256 is None or got["sha256"] == sha256.lower()) \
+        and (md5 is None or got["md5"] == md5.lower()) and (size is None or n == size)
+    if reject_html and not proven:
         with open(path, "rb") as f:
-            head = f.read(512).lstrip()
-        if head[:1] == b"<":
+            head = _text_head(f.read(512))
+        if _HTML.match(head):
             raise ChecksumError(f"{path.name}: the body starts with {head[:40]!r}, an HTML/XML page (an error or "
                                 "quota page), not the data.")
     if size is not None and n != size:
         raise ChecksumError(f"{path.name}: {n} bytes, expected {size} ({'truncated' if n < size else 'too long'}).")
-    got = file_digests(path, md5=md5 is not None)
     if sha256 is not None and got["sha256"] != sha256.lower():
         raise ChecksumError(f"{path.name}: sha256 {got['sha256']}, expected {sha256.lower()} (corrupted or a different file).")
     if md5 is not None and got["md5"] != md5.lower():
@@ -386,26 +428,42 @@ def verify_file(path: str | Path, size: int | None = None, sha256: str | None = 
 # %% ../../nbs/00_foundations/02_data.ipynb #6a7b8089
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    "An exclusive advisory lock on `path.lock` (POSIX), so two processes never write the same download."
+    """An exclusive advisory lock (POSIX `fcntl.flock`) on the hidden file `.lock-<name>` next to `path`, so two
+    processes never write the same download or prepare the same dataset at once. The holder deletes the lock file
+    before it unlocks; a process that was waiting on the deleted file notices (its inode is no longer the path's)
+    and locks the current file instead, so two processes can never both hold "the" lock."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks, run unlocked
         yield
         return
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "w") as f:
+    lock = path.with_name(f".lock-{path.name}")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()                      # someone removed the file while we waited: lock the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 def _is_html(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool, reject_html: bool) -> None:
-    "Stream `url` into `part`, resuming from its current size when the server honours Range."
+def _fetch(url: str, part: Path, timeout: float, progress: bool, reject_html: bool) -> bool:
+    """Stream `url` into `part`, resuming from its current size when the server honours Range.
+
+    Returns whether the end was confirmed: the server announced the length and exactly that many bytes arrived. A
+    response without a length that stops early looks like a clean end, so such a file is never trusted on that basis."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "seglab-downloader", **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
@@ -439,34 +497,82 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, reject_html: bo
                 bar.update(len(chunk))
             if total is not None and f.tell() < total:
                 raise _Interrupted(f"connection closed after {f.tell()} of {total} bytes")
+            return total is not None and f.tell() == total
 
 # %% ../../nbs/00_foundations/02_data.ipynb #b423a23f
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+def _ordered(urls) -> list[str]:
+    "https first, then local `file:` URLs, then plain http (stable: the registry's order within each group)."
+    rank = {"https": 0, "file": 1}
+    return sorted(urls, key=lambda u: rank.get(_scheme(u), 2))
+
+def _http_refused(url: str, sha256: str | None) -> bool:
+    """Plain http is refused without a sha256 to check the bytes against, unless `SEGLAB_ALLOW_HTTP=1` or the host
+    is this machine (the loopback: the bytes never cross a network)."""
+    if _scheme(url) != "http" or sha256 is not None or os.environ.get("SEGLAB_ALLOW_HTTP", "") == "1":
+        return False
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host not in ("127.0.0.1", "localhost", "::1")
+
+def _move_aside(path: Path, tag: str = "rejected") -> Path:
+    "Rename `path` to `<name>.<tag>-<time>` next to it (never delete a file someone may have placed by hand)."
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, k = path.with_name(f"{path.name}.{tag}-{stamp}"), 1
+    while aside.exists() or aside.is_symlink():
+        aside, k = path.with_name(f"{path.name}.{tag}-{stamp}-{k}"), k + 1
+    os.replace(path, aside)
+    return aside
+
 def download(urls: str | list[str] | tuple[str, ...], dest: str | Path, *, size: int | None = None,
              sha256: str | None = None, md5: str | None = None, reject_html: bool = True, retries: int = 3,
-             timeout: float = 60, progress: bool = True) -> dict:
-    """Fetch `dest` from the first of `urls` (mirrors in order) that delivers verified bytes.
+             timeout: float = 60, progress: bool = True, hint: str = "", check_end=None) -> dict:
+    """Fetch `dest` from the first of `urls` (https mirrors first) that delivers verified bytes.
 
-    Returns `{'path', 'size', 'sha256', 'url'}`. A file already at `dest` is re-verified and reused.
-    Raises `DownloadError` naming every URL and why it failed; no unverified bytes are ever left at `dest`."""
-    urls = [urls] if isinstance(urls, str) else list(urls)
+    Returns `{'path', 'size', 'sha256', 'url', 'complete'}`; `complete` says whether the transfer's end was confirmed
+    by the length the server announced, or, when it announced none, by `check_end(path)` returning `None` (else it
+    returns why the file looks cut short, and the download is retried from zero). `complete` is `None` for a file that
+    was already at `dest`: it is re-verified and reused, and moved aside, never deleted, when it fails. Plain-http URLs are used only when `sha256` is known. Raises
+    `DownloadError` naming every URL and why it failed (`hint` is appended); no unverified bytes are left at `dest`."""
+    urls = _ordered([urls] if isinstance(urls, str) else list(urls))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    checked = sha256 is not None or md5 is not None
     with _file_lock(dest):
         if dest.exists():
             try:
-                return {"path": dest, **verify_file(dest, size, sha256, md5, reject_html), "url": None}
+                return {"path": dest, **verify_file(dest, size, sha256, md5, reject_html), "url": None,
+                        "complete": None}
             except ChecksumError as e:
-                warnings.warn(f"{dest} failed verification ({e}); fetching it again")
-                dest.unlink()
-        failures, error = [], ChecksumError      # ChecksumError when every URL served wrong bytes
+                aside = _move_aside(dest)
+                msg = f"{dest} failed verification ({e}) and was moved aside to {aside} (not deleted)."
+                if not urls:
+                    raise ChecksumError(f"{msg} There is no download URL for it: put the right file at {dest} and "
+                                        f"run the command again.{hint}") from None
+                warnings.warn(f"{msg} Fetching it again.")
+        if not urls:
+            raise DownloadError(f"there is no URL to download {dest.name} from: put the file at {dest}.{hint}")
+        failures, error, refused = [], ChecksumError, False   # ChecksumError when every URL served wrong bytes
         for url in urls:
+            if _http_refused(url, sha256):
+                failures.append(f"  - {url}: refused: plain http and no published sha256 to check the bytes against")
+                error, refused = DownloadError, True
+                continue
+            if not checked:
+                part.unlink(missing_ok=True)       # bytes nothing can check: never resume from a .part of unknown origin
             reason = "no attempt"
             for _ in range(retries + 1):
                 resumed = part.exists() and part.stat().st_size > 0
                 try:
-                    _fetch(url, part, timeout, progress, reject_html)
+                    complete = _fetch(url, part, timeout, progress, reject_html)
                     info = verify_file(part, size, sha256, md5, reject_html)
+                    cut = None if complete or check_end is None else check_end(part)
+                    if cut is not None:
+                        part.unlink()
+                        raise _Interrupted(f"the server sent no length and the file is cut short ({cut})")
+                    complete = complete or check_end is not None
                 except _Interrupted as e:
                     reason, error = f"interrupted: {e}", DownloadError
                     continue                       # retry: resumes from the .part
@@ -480,13 +586,18 @@ def download(urls: str | list[str] | tuple[str, ...], dest: str | Path, *, size:
                     reason, error = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}", DownloadError
                     break
                 os.replace(part, dest)
-                return {"path": dest, **info, "url": url}
+                return {"path": dest, **info, "url": url, "complete": complete}
             failures.append(f"  - {url}: {reason}")
+        if not checked:
+            part.unlink(missing_ok=True)           # nothing could ever verify a resume of it
         kept = (f"\nThe partial file {part} ({part.stat().st_size} bytes) is kept; run again to resume."
                 if part.exists() else "")
+        http_note = ("\nPlain http is used only for files with a published sha256. To accept this file anyway (it is "
+                     "then pinned on first use), set SEGLAB_ALLOW_HTTP=1, or download it by hand from a source you "
+                     "trust." if refused else "")
         raise error(f"could not download {dest.name} from any of {len(urls)} URL(s):\n" + "\n".join(failures)
-                            + kept + "\nFix: check your connection, or download the file by hand to "
-                            f"{dest} and run the command again (it will be verified).")
+                    + kept + http_note + "\nFix: check your connection, or download the file by hand to "
+                    f"{dest} and run the command again (it will be verified).{hint}")
 
 # %% ../../nbs/00_foundations/02_data.ipynb #2963a418
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -521,8 +632,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(data) - start))
+        cut = isinstance(fault, tuple) and fault[0] == "cut"
+        if fault != "nolength" and not cut:
+            self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
+        if isinstance(fault, tuple) and fault[0] == "slow":
+            time.sleep(fault[1])
+        if cut:                                    # no length announced, then hang up early (once)
+            self.faults.pop(self.path)
+            self.wfile.write(data[start:start + fault[1]])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if isinstance(fault, tuple) and fault[0] == "drop":
             self.faults.pop(self.path)             # misbehave once
             self.wfile.write(data[start:start + fault[1]])
@@ -550,14 +671,25 @@ def local_server(directory: str | Path, faults: dict | None = None, lifetime: fl
         server.server_close()
 
 # %% ../../nbs/00_foundations/02_data.ipynb #4342518b
+MAX_MEMBER_PATH = 1024   # characters in a member's path or a link's target; longer ones are refused
+MAX_NAME = 255           # bytes in one path component (the usual file-system limit)
+_MAX_HOPS = 40           # symlinks followed while resolving one link (Linux's own limit)
+
 def _safe_relpath(name: str, strip: str | None = None) -> PurePosixPath | None:
     "The member's path relative to the target, `None` if `strip` excludes it; raise if it could escape."
     raw = name.replace("\\", "/")
+    if len(raw) > MAX_MEMBER_PATH:
+        raise UnsafeArchiveError(f"member {name[:48]!r}... has a {len(raw)}-character path (the limit is "
+                                 f"{MAX_MEMBER_PATH})")
+    if "\0" in raw:
+        raise UnsafeArchiveError(f"member {name!r} has a NUL byte in its path")
     if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
         raise UnsafeArchiveError(f"member {name!r} has an absolute path")
     parts = [p for p in PurePosixPath(raw).parts if p != "."]
     if ".." in parts:
         raise UnsafeArchiveError(f"member {name!r} contains '..'")
+    if any(len(p.encode("utf-8", "surrogateescape")) > MAX_NAME for p in parts):
+        raise UnsafeArchiveError(f"member {name[:48]!r}... has a path component over {MAX_NAME} bytes")
     if strip:
         k = len(PurePosixPath(strip).parts)
         if len(parts) <= k or not fnmatch.fnmatchcase("/".join(parts[:k]), strip):
@@ -565,67 +697,149 @@ def _safe_relpath(name: str, strip: str | None = None) -> PurePosixPath | None:
         parts = parts[k:]
     return PurePosixPath(*parts) if parts else None
 
-def _check_link(rel: PurePosixPath, target: str, hard: bool) -> None:
-    "Refuse a link whose target resolves outside the extraction folder."
-    target = target.replace("\\", "/")
-    resolved = os.path.normpath(target if hard else os.path.join(str(rel.parent), target))
-    if target.startswith("/") or resolved == ".." or resolved.startswith("../") or re.match(r"^[A-Za-z]:", target):
-        raise UnsafeArchiveError(f"{'hard' if hard else 'sym'}link {str(rel)!r} -> {target!r} points outside the target")
+def _matcher(include):
+    "A test for `include` (None = everything): exact names are looked up in a set, globs matched one by one."
+    if include is None:
+        return lambda rel: True
+    exact = {g for g in include if not any(c in g for c in "*?[")}
+    globs = [g for g in include if g not in exact]
+    return lambda rel: str(rel) in exact or any(fnmatch.fnmatchcase(str(rel), g) for g in globs)
 
-def _wanted(rel: PurePosixPath, include) -> bool:
-    return include is None or any(fnmatch.fnmatchcase(str(rel), g) for g in include)
+@dataclasses.dataclass
+class _Entry:
+    "One member to write: `kind` is 'dir', 'file' or 'sym'; `link` a symlink's target; `src` what holds the bytes."
+    name: str
+    rel: PurePosixPath
+    kind: str
+    link: str = ""
+    src: object = None
 
-def _extract_tar(archive: Path, out: Path, include, strip) -> int:
-    with tarfile.open(archive) as tar:
-        members = []
-        for m in tar.getmembers():
-            rel = _safe_relpath(m.name, strip)
-            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                raise UnsafeArchiveError(f"member {m.name!r} is a device file or FIFO")
-            if m.islnk():
-                _check_link(PurePosixPath(m.name), m.linkname, hard=True)
-                link_rel = _safe_relpath(m.linkname, strip)
-                if link_rel is None:
-                    raise UnsafeArchiveError(f"hardlink {m.name!r} -> {m.linkname!r} points outside the target")
-            if rel is None or not (m.isdir() or _wanted(rel, include)):
-                continue
-            if m.issym():
-                _check_link(rel, m.linkname, hard=False)
-            m = m.replace(name=str(rel), **({"linkname": str(link_rel)} if m.islnk() else {}), deep=False)
-            members.append(m)
-        tar.extractall(out, members=members, filter="data")
-    return sum(not m.isdir() for m in members)
+def _resolve_link(rel: PurePosixPath, target: str, links: dict, kept: set, dest: Path) -> PurePosixPath:
+    """Where the symlink `rel -> target` finally points, following the archive's other links and the links already
+    under `dest` (an earlier archive of the same dataset); raise if any step leaves the root."""
+    def refuse(why):
+        raise UnsafeArchiveError(f"symlink {str(rel)!r} -> {target!r} {why}")
+    if len(target) > MAX_MEMBER_PATH:
+        refuse(f"has a target over {MAX_MEMBER_PATH} characters")
+    stack, todo, hops = list(rel.parent.parts), target.replace("\\", "/").split("/"), 0
+    if target.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", target):
+        refuse("points to an absolute path outside the target")
+    while todo:
+        p = todo.pop(0)
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not stack:
+                refuse("points outside the target (resolved through the links before it)")
+            stack.pop()
+            continue
+        stack.append(p)
+        here = PurePosixPath(*stack)
+        nxt = links.get(here)
+        if nxt is None and here not in kept and (dest / here).is_symlink():
+            nxt = os.readlink(dest / here)         # a link on disk that this archive does not replace
+        if nxt is not None:
+            hops += 1
+            if hops > _MAX_HOPS:
+                refuse(f"goes through more than {_MAX_HOPS} links (a loop?)")
+            if nxt.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", nxt):
+                refuse(f"goes through {str(here)!r} -> {nxt!r}, an absolute path")
+            stack.pop()
+            todo = nxt.replace("\\", "/").split("/") + todo
+    return PurePosixPath(*stack)
 
-def _extract_zip(archive: Path, out: Path, include, strip) -> int:
-    n = 0
-    with zipfile.ZipFile(archive) as zf:
-        infos = [(i, _safe_relpath(i.filename, strip)) for i in zf.infolist()]   # check all before writing
-        for info, rel in infos:
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                raise UnsafeArchiveError(f"member {info.filename!r} is a device file or FIFO")
-            if rel is not None and stat.S_ISLNK(mode):
-                _check_link(rel, zf.read(info).decode(), hard=False)
-        for info, rel in infos:
-            if rel is None or not (info.is_dir() or _wanted(rel, include)):
-                continue
-            target = out / rel
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                os.symlink(zf.read(info).decode(), target)
-            else:
-                if not target.parent.resolve().is_relative_to(out.resolve()):
-                    raise UnsafeArchiveError(f"member {info.filename!r} would be written outside the target via a link")
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+def _check_plan(entries: list[_Entry], dest: Path) -> None:
+    """The one rule that makes links safe: no member is written through a symlink (links are created last, after
+    every file), and every symlink, fully resolved through the others and those already under `dest`, stays inside."""
+    links = {e.rel: e.link for e in entries if e.kind == "sym"}
+    kept = {e.rel for e in entries} | {p for e in entries for p in e.rel.parents}
+    names = {}
+    for e in entries:
+        names[e.rel] = names.get(e.rel, 0) + 1
+        for parent in list(e.rel.parents)[:-1]:
+            if parent in links:
+                raise UnsafeArchiveError(f"member {e.name!r} would be written through the symlink {str(parent)!r}")
+    for rel, target in links.items():
+        if names[rel] > 1:
+            raise UnsafeArchiveError(f"symlink {str(rel)!r} shares its path with another member")
+        _resolve_link(rel, target, links, kept, dest)
+
+def _write_plan(entries: list[_Entry], out: Path, read) -> int:
+    "Folders and files in archive order (no link exists yet, so none is followed), then the symlinks."
+    n, nofollow = 0, getattr(os, "O_NOFOLLOW", 0)
+    for e in entries:
+        path = out.joinpath(*e.rel.parts)
+        if e.kind == "dir":
+            path.mkdir(parents=True, exist_ok=True)
+        elif e.kind == "file":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | nofollow, 0o644)
+            except (IsADirectoryError, NotADirectoryError):
+                raise UnsafeArchiveError(f"member {e.name!r} clashes with a folder of the same name") from None
+            with os.fdopen(fd, "wb") as dst, read(e.src) as src:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            n += 1
+    for e in entries:
+        if e.kind == "sym":
+            path = out.joinpath(*e.rel.parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(e.link, path)
             n += 1
     return n
 
+def _tar_entries(tar: tarfile.TarFile, include, strip) -> list[_Entry]:
+    members, wanted = tar.getmembers(), _matcher(include)
+    regular = {}
+    for m in members:
+        if m.isreg():
+            regular[m.name.rstrip("/").removeprefix("./")] = m
+    entries = []
+    for m in members:
+        rel = _safe_relpath(m.name, strip)
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+            raise UnsafeArchiveError(f"member {m.name!r} is a device file or FIFO")
+        src = m
+        if m.islnk():                      # a hard link becomes a copy of the archive member it names
+            try:
+                _safe_relpath(m.linkname)
+                src = regular.get(m.linkname.rstrip("/").removeprefix("./"))
+            except UnsafeArchiveError:
+                src = None
+            if src is None:
+                raise UnsafeArchiveError(f"hardlink {m.name!r} -> {m.linkname!r} points outside the target (not a "
+                                         "file of this archive)")
+        if rel is None or not (m.isdir() or wanted(rel)):
+            continue
+        kind = "dir" if m.isdir() else "sym" if m.issym() else "file"
+        entries.append(_Entry(m.name, rel, kind, m.linkname if kind == "sym" else "", src))
+    return entries
+
+def _zip_entries(zf: zipfile.ZipFile, include, strip) -> list[_Entry]:
+    entries, wanted = [], _matcher(include)
+    for info in zf.infolist():
+        rel = _safe_relpath(info.filename, strip)
+        mode = info.external_attr >> 16
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):   # 0: no Unix type stored
+            raise UnsafeArchiveError(f"member {info.filename!r} is a device file or FIFO")
+        if rel is None or not (info.is_dir() or wanted(rel)):
+            continue
+        if stat.S_ISLNK(mode):
+            if info.file_size > MAX_MEMBER_PATH:
+                raise UnsafeArchiveError(f"symlink {info.filename!r} has a target over {MAX_MEMBER_PATH} characters")
+            entries.append(_Entry(info.filename, rel, "sym", zf.read(info).decode("utf-8", "surrogateescape")))
+        else:
+            entries.append(_Entry(info.filename, rel, "dir" if info.is_dir() else "file", src=info))
+    return entries
+
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError)
+
+def _is_corruption(e: BaseException) -> bool:
+    "A decoding failure (truncated or damaged bytes), as opposed to a disk error such as a full disk."
+    return isinstance(e, _CORRUPT) or (isinstance(e, OSError) and e.errno is None)
+
 def _merge_into(src: Path, dst: Path) -> None:
-    "Move the tree `src` onto `dst`: one atomic rename if `dst` is absent, else entry by entry."
+    "Move the tree `src` onto `dst`: one atomic rename if `dst` is absent, else entry by entry (never through a link)."
     if not dst.exists():
         os.replace(src, dst)
         return
@@ -644,21 +858,33 @@ def safe_extract(archive: str | Path, dest: str | Path, *, include: tuple[str, .
                  strip: str | None = None) -> int:
     """Extract a tar (any compression) or zip `archive` into `dest` after checking every member.
 
-    Returns the number of files (and links) written. Raises `UnsafeArchiveError` and writes nothing
-    when any member is unsafe."""
+    Returns the number of files (and links) written. Raises `UnsafeArchiveError` and writes nothing when any member
+    is unsafe, and `CorruptArchiveError` (naming the file) when the archive is truncated or damaged."""
     archive, dest = Path(archive), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extract-"))
     try:
-        if zipfile.is_zipfile(archive):
-            n = _extract_zip(archive, work, include, strip)
-        elif tarfile.is_tarfile(archive):
-            n = _extract_tar(archive, work, include, strip)
-        else:
-            raise UnsafeArchiveError(f"{archive.name} is neither a tar nor a zip archive")
-        _merge_into(work, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(archive):
+                zf = stack.enter_context(zipfile.ZipFile(archive))
+                entries, read = _zip_entries(zf, include, strip), zf.open
+            elif tarfile.is_tarfile(archive):
+                tar = stack.enter_context(tarfile.open(archive))
+                entries, read = _tar_entries(tar, include, strip), tar.extractfile
+            else:
+                raise CorruptArchiveError(f"{archive} is neither a complete tar nor a zip archive (truncated, or not "
+                                          "an archive at all)")
+            _check_plan(entries, dest)     # every check passes before anything is created
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extract-"))
+            try:
+                n = _write_plan(entries, work, read)
+                _merge_into(work, dest)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except Exception as e:
+        if isinstance(e, (UnsafeArchiveError, CorruptArchiveError)) or not _is_corruption(e):
+            raise
+        raise CorruptArchiveError(f"{archive} is truncated or damaged ({type(e).__name__}: {e}). Fix: delete it (or "
+                                  "move it aside) and download it again.") from None
     return n
 
 # %% ../../nbs/00_foundations/02_data.ipynb #7c15848e
@@ -674,15 +900,55 @@ def read_lock(root: str | Path | None = None) -> dict:
     path = _root(root) / LOCK_NAME
     return json.loads(path.read_text()) if path.exists() else {}
 
+def _edit_lock(root: Path, edit) -> None:
+    "Read, `edit(lock)` and atomically rewrite the lock file, holding its advisory lock (parallel `get`s lose no pin)."
+    with _file_lock(root / LOCK_NAME):
+        lock = read_lock(root)
+        edit(lock)
+        with atomic_path(root / LOCK_NAME) as tmp:
+            tmp.write_text(json.dumps(lock, indent=1, sort_keys=True))
+
 def _pin(root: Path, key: str, info: dict) -> None:
-    lock = read_lock(root)
-    lock[key] = {"sha256": info["sha256"], "size": info["size"], "url": info["url"],
-                 "pinned": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with atomic_path(root / LOCK_NAME) as tmp:
-        tmp.write_text(json.dumps(lock, indent=1, sort_keys=True))
+    _edit_lock(root, lambda lock: lock.__setitem__(key, {
+        "sha256": info["sha256"], "size": info["size"], "url": info["url"], "pinned": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+def unpin(name: str, root: str | Path | None = None, file: str | None = None) -> list[str]:
+    "Remove the trust-on-first-use pins of dataset `name` (or of its one `file`) from the lock file; return the keys."
+    root = _root(root)
+    gone = [k for k in read_lock(root) if k.split("/", 1)[0] == name and (file is None or k == f"{name}/{file}")]
+    if gone:
+        _edit_lock(root, lambda lock: [lock.pop(k, None) for k in gone])
+    return gone
+
+def archive_problem(path: str | Path) -> str | None:
+    """Why the archive at `path` looks cut short or damaged, or `None` when it opens and lists to its very end (a zip's
+    central directory after all members; a tar's end-of-archive blocks, read through any compression's trailer)."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                end = max((i.header_offset + i.compress_size for i in zf.infolist()), default=0)
+                return None if end <= zf.start_dir else "its members overlap the central directory"
+        with tarfile.open(path) as tar:
+            tar.getmembers()
+            tar.fileobj.seek(tar.offset)
+            tail = tar.fileobj.read(1024)
+            while tar.fileobj.read(_CHUNK):        # to the end: a compressed stream checks its trailer
+                pass
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                return "the tar has no end-of-archive marker (cut short at a member boundary)"
+            return None
+    except Exception as e:
+        if not _is_corruption(e):
+            raise
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 def fetch_file(ds: DatasetSpec, fs: FileSpec, root: str | Path | None = None, progress: bool = True) -> Path:
-    "Download one registry file to `<root>/_downloads/<dataset>/`, verified against published or pinned checksums."
+    """Download one registry file to `<root>/_downloads/<dataset>/`, verified against published or pinned checksums.
+
+    A file without a published checksum is pinned (trust on first use) only once it is known to be whole: the server
+    announced its length and all of it arrived, or (an archive) it lists to its end. A pin mismatch names the lock file
+    and `seglab data unpin`."""
     root = _root(root)
     dest = root / "_downloads" / ds.name / fs.name
     key = f"{ds.name}/{fs.name}"
@@ -690,11 +956,33 @@ def fetch_file(ds: DatasetSpec, fs: FileSpec, root: str | Path | None = None, pr
     sha256, size = fs.sha256 or pinned.get("sha256"), fs.size or pinned.get("size")
     if not fs.urls and not dest.exists():
         raise ManualDownloadRequired(f"{ds.name}: {ds.manual}\nExpected file: {dest}")
-    info = download(fs.urls, dest, size=size, sha256=sha256, md5=fs.md5, progress=progress)
-    if fs.sha256 is None and fs.md5 is None and not pinned:
+    tofu = fs.sha256 is None and fs.md5 is None
+    hint = (f"\nIts sha256 and size were pinned on first use ({pinned.get('pinned')}, from "
+            f"{pinned.get('url') or 'a file placed by hand'}) in {root / LOCK_NAME}. If the source changed (or the pin "
+            f"is wrong), clear the pin with `seglab data unpin {ds.name} --root {root}` and run "
+            f"`seglab data get {ds.name} --root {root}` again." if tofu and pinned else "")
+    info = download(fs.urls, dest, size=size, sha256=sha256, md5=fs.md5, progress=progress, hint=hint,
+                    check_end=archive_problem if tofu and not pinned and fs.extract else None)
+    if tofu and not pinned:
+        whole = info["complete"]
+        if whole is None and fs.extract:           # already there (placed by hand, or an earlier run): check it
+            why = archive_problem(dest)
+            if why is not None:
+                aside = _move_aside(dest)
+                raise CorruptArchiveError(
+                    f"{dest} is not a complete archive ({why}); it was moved aside to {aside} (not deleted) and "
+                    "nothing was pinned. Fix: " + (f"run `seglab data get {ds.name} --root {root}` again to download it."
+                                                   if fs.urls else f"put a complete copy at {dest} and run "
+                                                   f"`seglab data get {ds.name} --root {root}` again."))
+            whole = True
+        if whole is False:
+            warnings.warn(f"{key}: the server sent no length, so this download cannot be shown to be whole; it is used "
+                          f"but NOT pinned in {root / LOCK_NAME} (a later complete download will be).")
+            return dest
         _pin(root, key, info)
-        warnings.warn(f"{key}: no published checksum; trusting this first download and pinning sha256 "
-                      f"{info['sha256']} ({info['size']} bytes) in {root / LOCK_NAME}. Later downloads must match.")
+        warnings.warn(f"{key}: no published checksum; trusting this first {'download' if info['url'] else 'file'} "
+                      f"and pinning sha256 {info['sha256']} ({info['size']} bytes) in {root / LOCK_NAME}. Later "
+                      f"downloads must match (`seglab data unpin {ds.name}` clears the pin).")
     return dest
 
 # %% ../../nbs/00_foundations/02_data.ipynb #0ce9a4da
@@ -730,7 +1018,30 @@ def coco20i_folds(work: Path, root: Path, subset: str | None) -> None:
     "COCO-20i: fold f tests classes f+1, f+5, ..., f+77 (1-based contiguous COCO ids)."
     _write_folds(work, {f: list(range(f + 1, 81, 4)) for f in range(4)}, "COCO-20i, interleaved split")
 
-PREPARERS = {f.__name__: f for f in (voc_course_lists, voc_aug_lists, pascal5i_folds, coco20i_folds)}
+def cocostuff27_subset(work: Path, root: Path, subset: str | None, counts: dict | None = None) -> None:
+    """`course` subset of COCO-Stuff-27: keep the first `counts[split]` ids of each curated list (the HP recipe's
+    `COCOSTUFF27_COURSE`), cut the lists to them and extract just those images and annotations from the zip."""
+    if subset != "course":
+        return                                   # the full set was extracted whole
+    counts = counts or COCOSTUFF27_COURSE
+    base, names = work / "cocostuff", []
+    for split, n in counts.items():
+        lst = base / "curated" / f"{split}2017" / COCOSTUFF27_LISTS[split]
+        if not lst.exists():
+            raise DownloadError(f"cocostuff27: {lst.relative_to(work)} is not in the archive; the course subset is "
+                                "chosen from it (a changed release?); please report it.")
+        ids = [l.strip() for l in lst.read_text().splitlines() if l.strip()][:n]
+        lst.write_text("\n".join(ids) + "\n")
+        names += [f"cocostuff/{d}/{split}2017/{i}.{e}" for i in ids for d, e in (("images", "jpg"), ("annotations", "png"))]
+    archive = root / "_downloads" / "cocostuff27" / "cocostuff.zip"
+    safe_extract(archive, work, include=tuple(names))
+    missing = [m for m in names if not (work / m).exists()]
+    if missing:
+        raise DownloadError(f"cocostuff27: {len(missing)} files of the curated lists are not in the archive, e.g. "
+                            f"{missing[0]}; please report it.")
+
+PREPARERS = {f.__name__: f for f in (voc_course_lists, voc_aug_lists, pascal5i_folds, coco20i_folds,
+                                     cocostuff27_subset)}
 
 # %% ../../nbs/00_foundations/02_data.ipynb #a6d1c5e2
 _ACDC_TRAIN = (  # patient numbers in the order of SSL4MIS's (= ABD's) train_slices.list: the labelled sets are its head
@@ -806,46 +1117,81 @@ def missing_paths(folder: str | Path, layout: tuple[str, ...]) -> list[str]:
     "The layout paths that do not exist under `folder`."
     return [p for p in layout if not (Path(folder) / p).exists()]
 
+def _clean_stale(root: Path, name: str) -> None:
+    """Remove what an interrupted `get` of `name` left (called with the dataset's lock held, so no other process is
+    working in them): `.partial-*` work folders, and `.old-*` folders that carry seglab's marker (an older subset)."""
+    for stale in root.glob(f".{name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(f".{name}.old-*"):
+        if _read_marker(old) is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+def _extract_verified(ds: DatasetSpec, fs: FileSpec, path: Path, target: Path, root: Path, include) -> None:
+    "`safe_extract` for `get`: a damaged archive that passed its checksum is moved aside, with the fix in the error."
+    try:
+        safe_extract(path, target, include=include, strip=fs.strip)
+    except CorruptArchiveError as e:
+        aside = _move_aside(path)
+        pinned = f"{ds.name}/{fs.name}" in read_lock(root)
+        raise CorruptArchiveError(
+            f"{ds.name}: {path.name} passed verification but cannot be extracted: {e.args[0].split(' Fix:')[0]} It was "
+            f"moved aside to {aside} (not deleted). Fix: " + (
+                f"its sha256 was pinned on first use in {root / LOCK_NAME}, so the pin is wrong too: run `seglab data "
+                f"unpin {ds.name} --root {root}`, then `seglab data get {ds.name} --root {root}`." if pinned else
+                f"run `seglab data get {ds.name} --root {root}` to fetch it again (if it happens again, the published "
+                "file itself is damaged: please report it).")) from None
+
 def get(name: str, root: str | Path | None = None, subset: str | None = None, *, progress: bool = True,
         registry: dict | None = None) -> Path:
-    "Download, verify, extract and prepare dataset `name` under `root` (default `data_root()`); return its folder."
+    """Download, verify, extract and prepare dataset `name` under `root` (default `data_root()`); return its folder.
+
+    Holds the dataset's lock file (`<root>/.lock-<name>`) while it works, so parallel `get`s of one dataset wait for
+    each other instead of deleting each other's work."""
     ds, root = _spec(name, registry), _root(root)
     subset = _subset(ds, subset)
     for req in ds.requires:
         get(req, root, subset, progress=progress, registry=registry)
     final = root / ds.name
-    marker = _read_marker(final)
-    if marker is not None and marker.get("subset") in (None, subset):
-        return final
-    files = ds.files_for(subset)
-    paths = [fetch_file(ds, fs, root, progress) for fs in files]
-    for stale in root.glob(f".{ds.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{ds.name}.partial-"))
-    try:
-        include = ds.subsets[subset].include if subset else None
-        for fs, path in zip(files, paths):
-            target = work / fs.into
-            if fs.extract:
-                safe_extract(path, target, include=include, strip=fs.strip)
-            else:
-                target.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target / fs.name)
-        for step in ds.prepare:
-            PREPARERS[step](work, root, subset)
-        missing = missing_paths(work, ds.layout)
-        if missing:
-            raise DownloadError(f"{ds.name}: after extraction these layout paths are missing: {missing}. The archive "
-                                "does not have the expected layout (a changed release?); please report it.")
-        with atomic_path(work / MARKER) as tmp:
-            tmp.write_text(json.dumps({"name": ds.name, "subset": subset, "prepared": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "files": {fs.name: file_digests(p)["sha256"] for fs, p in zip(files, paths)}},
-                                      indent=1))
-        if final.exists():          # an older subset, or an unmarked folder: keep it aside, never mix
-            os.replace(final, root / f".{ds.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(work, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with _file_lock(final):
+        marker = _read_marker(final)
+        if marker is not None and marker.get("subset") in (None, subset):
+            return final
+        files = ds.files_for(subset)
+        paths = [fetch_file(ds, fs, root, progress) for fs in files]
+        _clean_stale(root, ds.name)
+        work = Path(tempfile.mkdtemp(dir=root, prefix=f".{ds.name}.partial-"))
+        try:
+            include = ds.subsets[subset].include if subset else None
+            for fs, path in zip(files, paths):
+                target = work / fs.into
+                if fs.extract:
+                    _extract_verified(ds, fs, path, target, root, include)
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target / fs.name)
+            for step in ds.prepare:
+                PREPARERS[step](work, root, subset)
+            missing = missing_paths(work, ds.layout)
+            if missing:
+                raise DownloadError(f"{ds.name}: after extraction these layout paths are missing: {missing}. The "
+                                    "archive does not have the expected layout (a changed release?); please report it.")
+            with atomic_path(work / MARKER) as tmp:
+                tmp.write_text(json.dumps({"name": ds.name, "subset": subset,
+                                           "prepared": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                           "files": {fs.name: file_digests(p)["sha256"] for fs, p in zip(files, paths)}},
+                                          indent=1))
+            old = None
+            if final.exists() or final.is_symlink():   # an older subset, or an unmarked folder: never mix
+                old = root / f".{ds.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                os.replace(final, old)
+            os.replace(work, final)
+            if old is not None and _read_marker(old) is not None:
+                shutil.rmtree(old, ignore_errors=True)  # seglab's own older subset: nothing of the user's
+            elif old is not None:
+                warnings.warn(f"{final} existed without seglab's marker (placed by hand?); it was kept at {old}. "
+                              "Delete that folder when you no longer need it.")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return final
 
 # %% ../../nbs/00_foundations/02_data.ipynb #0b00992e
@@ -900,23 +1246,31 @@ def _report(fn, *args) -> int:
         return 1
 
 def data_cli(argv: list[str]) -> int:
-    "`seglab data ...`: `list`, `get <name> [--root DIR] [--subset course]`, `check <name> [--root DIR]`."
+    """`seglab data ...`: `list`, `get <name> [--root DIR] [--subset course]`, `check <name> [--root DIR]`,
+    `unpin <name> [--root DIR] [--file FILE]` (forget trust-on-first-use checksums)."""
     p = argparse.ArgumentParser(prog="seglab data", description="Fetch, verify and check real datasets.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the registry as a table")
-    for cmd in ("get", "check"):
+    for cmd in ("get", "check", "unpin"):
         s = sub.add_parser(cmd, help=f"{cmd} one or more datasets")
         s.add_argument("names", nargs="+", metavar="name")
         s.add_argument("--root", default=None, help="data root (default: $SEGLAB_DATA or ~/.cache/seglab/data)")
         if cmd == "get":
             s.add_argument("--subset", default=None, help="e.g. 'course' for the reduced version")
+        if cmd == "unpin":
+            s.add_argument("--file", default=None, help="only this file of the dataset")
     a = p.parse_args(argv)
     if a.cmd == "list":
         print(format_table(registry_table()))
         return 0
     codes = []
     for name in a.names:
-        if a.cmd == "get":
+        if a.cmd == "unpin":
+            gone = unpin(name, a.root, a.file)
+            print(f"{name}: removed {len(gone)} pin(s) from {_root(a.root) / LOCK_NAME}" + (f": {', '.join(gone)}"
+                  if gone else " (none were pinned)"))
+            codes.append(0)
+        elif a.cmd == "get":
             codes.append(_report(lambda: print(f"{name}: ready at {get(name, a.root, a.subset)}")))
         else:
             r = check(name, a.root)

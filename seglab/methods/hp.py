@@ -21,16 +21,17 @@ __all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'frozen_backbone', 'photometric_aug'
            'task_weight', 'neighbourhood', 'local_weights', 'window_weights', 'window_size', 'local_mix',
            'denominator_mask', 'hp_contrastive', 'consistency_loss', 'train_step', 'backbone_features', 'resize_crop',
            'coarse_toy_labels', 'load_split', 'prepare_data', 'evaluate', 'spherical_kmeans', 'kmeans_baseline',
-           'chance_miou', 'train', 'tour']
+           'chance_miou', 'fit_probe', 'train', 'untrained_baseline', 'tour']
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #a3434198
 CONFIG = dict(
     common=dict(seed=0, dropout=0.1, base_tau=0.07, ema_m=0.99, alpha=0.05, clip_grad=10.0, lr_head=5e-4,
-                wd_head=0.1, lr_linear=1e-3, ghp_sp=True, lhp=True, consistency=True, pretrained=True, n_init=10),
-    toy=dict(backbone="toy_vit", dataset="toyworld", image_size=64, difficulty=0.3, n_train=384, n_val=128,
+                wd_head=0.1, lr_linear=1e-3, ghp_sp=True, lhp=True, consistency=True, pretrained=True, n_init=10,
+                ckpt_every=100),
+    toy=dict(backbone="toy_vit", dataset="toyworld", image_size=64, eval_size=64, difficulty=0.3, n_train=384, n_val=128,
              n_clusters=5, dim=64, batch=16, steps=100, pool_size=256, renew_interval=20, warmup=40, tau=0.3,
              rho=0.2, lr_head=3e-3, lr_proj=3e-3, lr_cluster=2e-2, feat_batch=128, device="cpu"),
-    full=dict(backbone="vit_small_patch16_224.dino", dataset="cocostuff27", image_size=224, difficulty=0.0,
+    full=dict(backbone="vit_small_patch16_224.dino", dataset="cocostuff27", image_size=224, eval_size=320, difficulty=0.0,
               n_train=2000, n_val=500, n_clusters=27, dim=512, batch=32, steps=1500, pool_size=512,
               renew_interval=50, warmup=200, tau=0.8, rho=0.02, lr_head=5e-4, lr_proj=5e-4, lr_cluster=5e-3, feat_batch=64,
               device=None),
@@ -58,8 +59,7 @@ class SegHead(nn.Module):
         self.nonlinear = nn.Sequential(nn.Conv2d(feat_dim, feat_dim, 1), nn.ReLU(), nn.Conv2d(feat_dim, dim, 1))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        f = self.drop(f)
-        return self.linear(f) + self.nonlinear(f)
+        return self.linear(self.drop(f)) + self.nonlinear(self.drop(f))  # each branch draws its own Drop2d mask
 
 class ClusterProbe(nn.Module):
     "K learnable centroids; cosine similarity of every location to every centroid, `[B,dim,h,w] -> [B,K,h,w]`."
@@ -80,8 +80,26 @@ class ClusterProbe(nn.Module):
         centroids and from `n_init - 1` random restarts; the lowest loss wins."""
         self.centroids.copy_(spherical_kmeans(s, len(self.centroids), iters, seed, init=self.centroids, n_init=n_init))
 
+def _ema_to_state(module, state, prefix, local_metadata):
+    "state_dict hook: the EMA head's weights travel with the model (checkpoints, resume) as `ema_head.*`."
+    for k, v in module.ema.module.state_dict().items():
+        state[f"{prefix}ema_head.{k}"] = v
+
+def _ema_from_state(module, state, prefix, local_metadata, strict, missing, unexpected, errors):
+    "load_state_dict pre-hook: restore the EMA head from the `ema_head.*` entries; size the pools as saved."
+    for name in ("pool_ag", "pool_sp"):
+        if f"{prefix}{name}" in state:
+            setattr(module, name, torch.empty_like(state[f"{prefix}{name}"], device=getattr(module, name).device))
+    key = f"{prefix}ema_head."
+    sub = {k[len(key):]: state.pop(k) for k in [k for k in state if k.startswith(key)]}
+    if sub:
+        module.ema.module.load_state_dict(sub)
+    elif strict:
+        missing.append(key + "*")
+
 class HP(nn.Module):
-    "The trainable parts: head, projection, linear and cluster probes. `ema` (the EMA head) is not a submodule."
+    """The trainable parts: head, projection, linear and cluster probes. `ema` (the EMA head) is not a submodule, so it
+    is outside `parameters()` and every optimiser; its weights are saved and loaded with the model's state dict."""
     def __init__(self, feat_dim: int, dim: int, n_clusters: int, dropout: float = 0.1, ema_m: float = 0.99):
         super().__init__()
         self.head = SegHead(feat_dim, dim, dropout)
@@ -91,6 +109,9 @@ class HP(nn.Module):
         self.ema = ModelEMA(self.head, momentum=ema_m)  # a plain attribute: outside parameters() and any optimiser
         self.register_buffer("pool_ag", torch.zeros(0, feat_dim))
         self.register_buffer("pool_sp", torch.zeros(0, dim))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # training steps taken (for resuming)
+        self._register_state_dict_hook(_ema_to_state)
+        self._register_load_state_dict_pre_hook(_ema_from_state, with_module=True)
 
     def _apply(self, fn, *args, **kwargs):
         "Move the EMA head with the model (`.to(device)`)."
@@ -103,10 +124,18 @@ def build_model(cfg, feat_dim: int) -> HP:
     return HP(feat_dim, cfg.dim, cfg.n_clusters, cfg.dropout, cfg.ema_m)
 
 def make_optimizer(model: HP, cfg) -> torch.optim.Optimizer:
-    "One AdamW with HP's four groups: head (AdamW, wd 0.1), projection, linear and cluster probes (Adam)."
+    """One AdamW with HP's four groups: head (AdamW, wd 0.1), projection, linear and cluster probes (Adam). Before
+    each step the **head's** gradient alone is clipped to norm `cfg.clip_grad`, as the official code clips only the
+    segmentation head (`run.py:225`); the projection and the probes are not clipped."""
     groups = [(model.head, cfg.lr_head, cfg.wd_head), (model.proj, cfg.lr_proj, 0.0),
               (model.linear_probe, cfg.lr_linear, 0.0), (model.cluster_probe, cfg.lr_cluster, 0.0)]
-    return torch.optim.AdamW([dict(params=m.parameters(), lr=lr, weight_decay=wd) for m, lr, wd in groups])
+    opt = torch.optim.AdamW([dict(params=m.parameters(), lr=lr, weight_decay=wd) for m, lr, wd in groups])
+    if cfg.clip_grad:
+        head = list(model.head.parameters())
+        def clip_head(optimizer, args, kwargs):
+            nn.utils.clip_grad_norm_(head, cfg.clip_grad)
+        opt.register_step_pre_hook(clip_head)
+    return opt
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #f02d321c
 def flat(x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +161,12 @@ def hidden_positives(f: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def renew_pool(head: nn.Module, feats: torch.Tensor, pool_size: int, generator: torch.Generator | None = None,
-               batch: int = 256) -> torch.Tensor:
-    "Pool_sp: the (EMA) head's features of one random patch of each of `pool_size` random training images."
+               batch: int = 256, drop: float = 0.0) -> torch.Tensor:
+    """Pool_sp: the (EMA) head's features of one random patch of each of `pool_size` random training images, after
+    Drop2d with probability `drop` (HP Drop2d-s the EMA head's output)."""
     idx = torch.randperm(len(feats), generator=generator)[:pool_size]
     dev = next(head.parameters()).device
-    s = torch.cat([head(feats[idx[k:k + batch]].to(dev)) for k in range(0, len(idx), batch)])
+    s = torch.cat([F.dropout2d(head(feats[idx[k:k + batch]].to(dev)), drop) for k in range(0, len(idx), batch)])
     return reference_pool(s, generator)
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #42d94bf2
@@ -156,7 +186,8 @@ def neighbourhood(h: int, w: int) -> torch.Tensor:
     return ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
 
 def local_weights(attn: torch.Tensor, h: int, w: int, sigma: float | None = None) -> torch.Tensor:
-    "LHP weights `[B,hw,hw]` from attention `[B,hw,hw]`: clip to [q10,q90], softmax, x sigma, zero below the row mean, 3x3."
+    """LHP weights `[B,hw,hw]` from the head-averaged **pre-softmax** attention logits `[B,hw,hw]`: clip to [q10,q90],
+    softmax, x sigma, zero below the row mean, keep the 3x3 window. (Attention probabilities would be softmaxed twice.)"""
     a = attn.float()
     lo, hi = a.quantile(0.1, dim=2, keepdim=True), a.quantile(0.9, dim=2, keepdim=True)
     a = torch.minimum(torch.maximum(a, lo), hi).softmax(-1) * (sigma or h)
@@ -190,42 +221,53 @@ def denominator_mask(ghp_ag: torch.Tensor, rho: float, generator: torch.Generato
     return (ghp_ag | keep).fill_diagonal_(False)
 
 def hp_contrastive(z: torch.Tensor, w: torch.Tensor, den: torch.Tensor, anchors: torch.Tensor, tau: float,
-                   base_tau: float = 0.07) -> torch.Tensor:
+                   base_tau: float = 0.07, chunk: int | None = None) -> torch.Tensor:
     """HP's weighted supervised-contrastive loss: `z` normalised `[N,d]`, positive weights `w` `[N,N]`, denominator set
-    `den` `[N,N]` bool, `anchors` `[N]` bool (those with GHP_ag positives); anchors reweighted by Σ_j w_ij (mean 1)."""
+    `den` `[N,N]` bool, `anchors` `[N]` bool (those with GHP_ag positives). Patches come in chunks of `chunk` (one
+    image's h*w; None: one chunk): within a chunk anchors are reweighted by Σ_j w_ij (mean 1) and averaged, then the
+    chunks that have anchors are averaged, as the official per-image loop does."""
     if not anchors.any():
         return z.sum() * 0.0
-    w, den = w[anchors], den[anchors]
-    logits = z[anchors] @ z.T / tau
+    idx = anchors.nonzero().squeeze(1)
+    w, den = w[idx], den[idx]
+    logits = z[idx] @ z.T / tau
     log_p = logits - torch.logsumexp(logits.masked_fill(~den, float("-inf")), dim=1, keepdim=True)
-    pi = w.sum(1) / w.sum(1).mean()
-    mean_log_p = (w * log_p).sum(1) / w.sum(1)
-    return -((tau / base_tau) * pi * mean_log_p).mean()
+    ws = w.sum(1)
+    ell = -(tau / base_tau) * (w * log_p).sum(1) / ws
+    group = idx // chunk if chunk else torch.zeros_like(idx)
+    n = -(-len(z) // chunk) if chunk else 1
+    per = lambda v: torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, group, v)
+    count = per(torch.ones_like(ws))
+    pi = ws / (per(ws) / count.clamp_min(1))[group]
+    return (per(pi * ell) / count.clamp_min(1)).sum() / (count > 0).sum()
 
 def consistency_loss(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor:
     "L_cons: mean Euclidean distance between the embeddings of a patch and of its photometric augmentation."
     return (z - z_aug).norm(dim=1).mean()
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #6cae8dec
-def train_step(model: HP, batch: dict, cfg, lam: float, generator: torch.Generator | None = None) -> dict:
-    "One HP step on cached features `batch` (`f`, `aw`, `f_aug`, `mask`); updates the EMA head; returns the losses."
+def train_step(model: HP, batch: dict, cfg, lam: float, generator: torch.Generator | None = None,
+               positives=None) -> dict:
+    """One HP step on cached features `batch` (`f`, `aw`, `f_aug`, `mask`); updates the EMA head; returns the losses.
+    `positives(batch, f, pool) -> [N,N] bool` replaces the mining of GHP_ag (default: `hidden_positives(f, pool)`)."""
     f, aw, mask = batch["f"], batch["aw"], batch["mask"]
+    drop = lambda x: F.dropout2d(x, cfg.dropout, model.training)
     s = model.head(f)
     with torch.no_grad():
-        model.ema.module.train()  # Drop2d on, as in the code
-        s_pr = F.normalize(flat(model.ema.module(f)), dim=1)
-        fn = F.normalize(flat(f), dim=1)
-        ghp_ag = hidden_positives(fn, model.pool_ag)
+        model.ema.module.train()  # Drop2d on its branches, as in the code
+        s_pr = F.normalize(flat(drop(model.ema.module(f))), dim=1)
+        fn = F.normalize(flat(drop(f)), dim=1)  # positives are mined on Drop2d-ed features (run.py:171)
+        ghp_ag = (positives or (lambda b, x, pool: hidden_positives(x, pool)))(batch, fn, model.pool_ag)
         w = ghp_ag.float()
         if cfg.ghp_sp and lam > 0:
             w = w + lam * hidden_positives(s_pr, model.pool_sp).float()
         den, anchors = denominator_mask(ghp_ag, cfg.rho, generator), ghp_ag.any(1)
     model.ema.update(model.head)
     project = lambda x: F.normalize(model.proj(flat(x)), dim=1)
-    z = project(s)
-    l_ghp = hp_contrastive(z, w, den, anchors, cfg.tau, cfg.base_tau)
-    l_lhp = hp_contrastive(project(F.dropout2d(local_mix(s, aw), cfg.dropout, model.training)), w, den, anchors,
-                           cfg.tau, cfg.base_tau) if cfg.lhp else l_ghp.new_zeros(())
+    z, chunk = project(s), f.shape[-2] * f.shape[-1]  # one chunk per image, as the official loss loops
+    l_ghp = hp_contrastive(z, w, den, anchors, cfg.tau, cfg.base_tau, chunk)
+    l_lhp = hp_contrastive(project(drop(local_mix(s, aw))), w, den, anchors, cfg.tau, cfg.base_tau,
+                           chunk) if cfg.lhp else l_ghp.new_zeros(())
     l_cons = consistency_loss(z, project(model.head(batch["f_aug"]))) if cfg.consistency else l_ghp.new_zeros(())
     sd = s.detach()
     logits = F.interpolate(model.linear_probe(sd), size=mask.shape[-2:], mode="bilinear", align_corners=False)
@@ -245,10 +287,10 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, batch: int = 12
     out = {"f": [], "aw": [], "f_aug": []}
     for k in range(0, len(images), batch):
         x = images[k:k + batch]
-        o = vit_features(backbone, x.to(device), attn=True)
+        o = vit_features(backbone, x.to(device), attn_logits=True)
         h, w = o["patch"].shape[-2:]
         out["f"].append(o["patch"].float().cpu())
-        out["aw"].append(window_weights(local_weights(o["attn"], h, w), h, w).cpu())
+        out["aw"].append(window_weights(local_weights(o["attn_logits"], h, w), h, w).cpu())
         if augment_seed is not None:
             xa = photometric_aug(x, augment_seed + k)
             out["f_aug"].append(vit_features(backbone, xa.to(device))["patch"].float().cpu())
@@ -271,14 +313,16 @@ def coarse_toy_labels(mask: torch.Tensor) -> torch.Tensor:
     return torch.where((mask >= toyworld.NUM_STUFF) & (mask != 255), toyworld.NUM_STUFF, mask)
 
 def load_split(cfg, split: str, root=None) -> dict:
-    "`image` `[N,3,S,S]` and `mask` `[N,S,S]` of `split` ('train'/'val'): ToyWorld scenes or COCO-Stuff-27."
+    """`image` `[N,3,S,S]` and `mask` `[N,S,S]` of `split` ('train'/'val'): ToyWorld scenes or COCO-Stuff-27 (S =
+    `image_size`, or `eval_size` for COCO's val split: 320 as in STEGO/HP's evaluation)."""
     n = cfg.n_train if split == "train" else cfg.n_val
     if cfg.dataset == "toyworld":
         d = toyworld.make_scenes(n, cfg.image_size, cfg.seed + (split != "train"), cfg.difficulty)
         return dict(image=d["image"], mask=coarse_toy_labels(d["mask"]) if cfg.n_clusters == COARSE_K else d["mask"])
     from seglab.data.datasets import CocoStuff27
     ds = CocoStuff27(root=root, split=split)
-    items = [resize_crop(ds[i]["image"], ds[i]["mask"], cfg.image_size) for i in range(min(n, len(ds)))]
+    size = cfg.eval_size if split == "val" else cfg.image_size
+    items = [resize_crop(ds[i]["image"], ds[i]["mask"], size) for i in range(min(n, len(ds)))]
     return dict(image=torch.stack([x for x, _ in items]), mask=torch.stack([y for _, y in items]))
 
 def prepare_data(cfg, root=None, backbone: nn.Module | None = None) -> dict:
@@ -349,37 +393,59 @@ def chance_miou(data: dict, k: int, seed: int = 0) -> float:
     return _scores(lambda f: torch.rand(len(f), k, *m.shape[-2:], generator=g), m, m, k, True)["miou"]
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #572819fe
-def train(cfg, data: dict | None = None, callbacks=()) -> tuple[HP, object]:
-    "Train HP on `data` (default: `prepare_data(cfg)`); returns the model and the engine's `History`."
+def fit_probe(model: HP, feats: torch.Tensor, cfg) -> None:
+    "Converge the cluster probe on the head's outputs for the training features `feats` (best of `cfg.n_init` starts)."
+    model.eval()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        s = torch.cat([model.head(feats[i:i + cfg.feat_batch].to(dev)) for i in range(0, len(feats), cfg.feat_batch)])
+    model.cluster_probe.converge(flat(s), seed=cfg.seed, n_init=cfg.n_init)
+
+def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, positives=None) -> tuple[HP, object]:
+    """Train HP on `data` (default: `prepare_data(cfg)`); returns the model and the engine's `History`. With `ckpt` (a
+    path) the run saves every `cfg.ckpt_every` steps and resumes from the file when it exists. `positives` replaces
+    the mining of GHP_ag (see `train_step`)."""
     data = data or prepare_data(cfg)
     tr = data["train"]
     device = get_device(cfg.device)
     model = build_model(cfg, tr["f"].shape[1]).to(device)
     g = torch.Generator().manual_seed(cfg.seed)
-    model.pool_ag = reference_pool(tr["f"][torch.randperm(len(tr["f"]), generator=g)[:cfg.pool_size]], g).to(device)
-    counter = {"step": 0}
+    idx = torch.randperm(len(tr["f"]), generator=g)[:cfg.pool_size]
+    model.pool_ag = reference_pool(F.dropout2d(tr["f"][idx], cfg.dropout), g).to(device)  # Drop2d-ed, as in the code
+    counter = {}
 
     def step_fn(net, batch):
+        if not counter:  # 0, or the step a resumed checkpoint had reached
+            counter["step"] = int(net.steps_done)
         t = counter["step"]
+        gt = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)  # one stream per step: resuming redraws the same
         if cfg.ghp_sp and (t % cfg.renew_interval == 0):
-            net.pool_sp = renew_pool(net.ema.module.train(), tr["f"], cfg.pool_size, g).to(device)
+            net.pool_sp = renew_pool(net.ema.module.train(), tr["f"], cfg.pool_size, gt, drop=cfg.dropout).to(device)
         counter["step"] += 1
-        return train_step(net, batch, cfg, task_weight(t, cfg.warmup, cfg.steps), g)
+        net.steps_done += 1
+        return train_step(net, batch, cfg, task_weight(t, cfg.warmup, cfg.steps), gt, positives)
 
-    history = fit(model, step_fn, tensor_batches(tr, cfg.batch, cfg.seed, keys=("f", "aw", "f_aug", "mask")), make_optimizer(model, cfg), steps=cfg.steps,
-                  clip_grad=cfg.clip_grad, callbacks=callbacks, seed=cfg.seed, device=device, desc="HP")
-    model.eval()
-    with torch.no_grad():
-        s = torch.cat([model.head(tr["f"][i:i + cfg.feat_batch].to(device)) for i in range(0, len(tr["f"]), cfg.feat_batch)])
-    model.cluster_probe.converge(flat(s), seed=cfg.seed, n_init=cfg.n_init)
+    history = fit(model, step_fn, tensor_batches(tr, cfg.batch, cfg.seed, keys=("f", "aw", "f_aug", "mask")),
+                  make_optimizer(model, cfg), steps=cfg.steps, callbacks=callbacks, seed=cfg.seed, device=device,
+                  ckpt=ckpt, ckpt_every=cfg.get("ckpt_every", 100), desc="HP")
+    fit_probe(model, tr["f"], cfg)
     return model, history
 
-def tour(profile: str | None = "toy") -> dict:
-    "Train HP in `profile`; unsupervised mIoU beside chance and k-means on the raw frozen features."
+def untrained_baseline(cfg, data: dict) -> dict:
+    """HP's own head at initialisation (seed `cfg.seed`), never trained, read out by the same cluster probe
+    (`fit_probe`) and scored by `evaluate`: the bar that HP's training must clear."""
+    model = build_model(cfg, data["train"]["f"].shape[1]).to(get_device(cfg.device))
+    fit_probe(model, data["train"]["f"], cfg)
+    return evaluate(model, cfg, data)
+
+def tour(profile: str | None = "toy", ckpt=None) -> dict:
+    """Train HP in `profile` (resuming from `ckpt` when that file exists); unsupervised mIoU beside chance, k-means on
+    the raw frozen features and the untrained head + the same k-means read-out."""
     cfg = pick(CONFIG, profile)
     data = prepare_data(cfg)
-    model, _ = train(cfg, data)
+    model, _ = train(cfg, data, ckpt=ckpt)
     r = evaluate(model, cfg, data)
     return dict(metric="unsupervised mIoU (Hungarian)", value=r["miou"], chance=chance_miou(data, cfg.n_clusters),
-                kmeans=kmeans_baseline(data, cfg.n_clusters, cfg.seed, cfg.n_init)["miou"], acc=r["acc"],
-                linear_miou=r["linear_miou"], steps=cfg.steps, profile=cfg.profile)
+                kmeans=kmeans_baseline(data, cfg.n_clusters, cfg.seed, cfg.n_init)["miou"],
+                untrained=untrained_baseline(cfg, data)["miou"], acc=r["acc"], linear_miou=r["linear_miou"],
+                steps=cfg.steps, profile=cfg.profile)

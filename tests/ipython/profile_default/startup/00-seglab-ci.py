@@ -1,13 +1,12 @@
 # Loaded by every test kernel (conftest.py points IPYTHONDIR here): quiet, toy-profile defaults, and
-# torch threads shared fairly between the pytest-xdist workers (each runs its own notebook kernel).
+# seglab's CPU thread policy (each pytest-xdist worker runs its own notebook kernel).
 import os
 
 os.environ.setdefault("SEGLAB_PROFILE", "toy")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 try:
-    import torch
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    from seglab.config import set_threads
+    set_threads()  # seglab's one thread policy (nbs/00_foundations/00_config.ipynb)
 except ImportError:
     pass
