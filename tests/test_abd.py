@@ -1,10 +1,42 @@
-"""Fast checks of the ABD chapter module (seglab.methods.abd): displacement invariants, the real ACDC loader path."""
+"""Checks of the ABD chapter module (seglab.methods.abd): the SSL4MIS UNet, displacement invariants and mechanism
+checks, the ACDC data path (official patient split from a WSL4MIS-shaped download), checkpoint selection on the
+val split, resuming, and the full config for one step on the real ACDC sample."""
+import dataclasses
+import os
+import warnings
+import zipfile
+
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from seglab.config import pick
+from seglab.data import download as dl
+from seglab.data.datasets import ACDCSlices, ACDCVolumes, DatasetNotFoundError
 from seglab.methods import abd
 
+OFFICIAL_10PCT = ["patient099", "patient038", "patient050", "patient100", "patient058", "patient021", "patient049"]
+SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
+
+
+def tiny(**over):
+    "A toy config small enough for a few training steps in a test."
+    cfg = pick(abd.CONFIG, "toy").replace(n_train=3, n_labeled=1, slices=4, n_volumes=2, size=32,
+                                          channels=(4, 8, 8, 8, 8), batch_l=2, batch_u=2, iters=4, log_every=1)
+    return cfg.replace(**over)
+
+
+# ---------------------------------------------------------------- the network
+
+def test_unet_is_the_ssl4mis_bilinear_unet():
+    net = abd.UNet()
+    assert sum(p.numel() for p in net.parameters()) == 1_813_764      # transposed convs would give 1,944,324
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+    assert net(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+
+
+# ---------------------------------------------------------------- displacements
 
 def test_abd_r_moves_one_reliable_patch():
     torch.manual_seed(0)
@@ -28,6 +60,20 @@ def test_abd_i_keeps_image_and_label_aligned():
     assert torch.equal(a[~info["on"]], x1[~info["on"]])
 
 
+def test_mechanism_check_fails_when_displacements_are_off_or_labels_stay():
+    cfg = pick(abd.CONFIG, "toy")
+    report = abd.displacement_check(cfg)
+    assert report["abd_r_moved"] > 0 and report["abd_i_moved"] > 0 and report["aligned"]
+    with pytest.raises(AssertionError, match="both displacements are off"):
+        abd.displacement_check(cfg.replace(abd_r=False, abd_i=False))
+    labels_stay = lambda x1, x2, y1, y2, *a, **k: (*abd.abd_i(x1, x2, y1, y2, *a, **k)[:2], y1, y2,
+                                                   abd.abd_i(x1, x2, y1, y2, *a, **k)[4])
+    with pytest.raises(AssertionError, match="labels"):
+        abd.displacement_check(cfg, abd_i_fn=labels_stay)
+
+
+# ---------------------------------------------------------------- configs and data
+
 def test_bad_config_names_the_fix():
     with pytest.raises(ValueError, match="'abd' or 'supervised'"):
         abd.build_model(pick(abd.CONFIG, "toy").replace(method="fixmatch"))
@@ -44,6 +90,69 @@ def test_toy_split_labels_whole_hearts():
         abd.make_data(cfg.replace(n_labeled=3))
 
 
+def _h5(path, image, label):
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = image, label
+        f["scribble"] = np.where(label > 0, label, 4).astype(np.uint8)
+
+
+def wsl4mis_zip(folder):
+    """A zip shaped like the WSL4MIS archive `seglab data get acdc` downloads: `WSL4MIS-<sha>/data/ACDC/` with
+    slices `patientNNN_frameFF_slice_K.h5` (real frame numbers, 0-based slices) and volumes `patientNNN_frameFF.h5`
+    for all 100 patients, no split lists."""
+    rng = np.random.default_rng(0)
+    src = folder / "src" / "WSL4MIS-fe9537e797c1b333e4e01f4239ffe1e5873abd95"
+    (src / "data/ACDC/ACDC_training_slices").mkdir(parents=True)
+    (src / "data/ACDC/ACDC_training_volumes").mkdir(parents=True)
+    (src / "README.md").write_text("WSL4MIS\n")
+    for p in range(1, 101):
+        for frame in (1, 7 + p % 9):
+            vol = rng.random((3, 16, 16), dtype=np.float32)
+            lab = rng.integers(0, 4, (3, 16, 16)).astype(np.uint8)
+            _h5(src / f"data/ACDC/ACDC_training_volumes/patient{p:03d}_frame{frame:02d}.h5", vol, lab)
+            for k in range(3):
+                _h5(src / f"data/ACDC/ACDC_training_slices/patient{p:03d}_frame{frame:02d}_slice_{k}.h5", vol[k], lab[k])
+    (folder / "serve").mkdir()
+    with zipfile.ZipFile(folder / "serve" / "WSL4MIS-fe9537e.zip", "w") as zf:
+        for f in sorted(src.rglob("*")):
+            zf.write(f, f.relative_to(src.parent))
+    return folder / "serve"
+
+
+def test_data_get_acdc_then_full_data_step_gives_the_official_split(tmp_path):
+    serve = wsl4mis_zip(tmp_path)
+    spec = dl.REGISTRY["acdc"]
+    with dl.local_server(serve) as (url, _):
+        fs = dataclasses.replace(spec.files[0], urls=(f"{url}/{spec.files[0].name}",))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # the trust-on-first-use pin warning
+            top = dl.get("acdc", tmp_path / "data", registry={"acdc": dataclasses.replace(spec, files=(fs,))},
+                         progress=False)
+    cfg = pick(abd.CONFIG, "full").replace(root=top, size=16)       # the full profile's data step (10%: 7 patients)
+    data = abd.make_data(cfg)
+    assert data["labelled"] == OFFICIAL_10PCT
+    train_patients = ACDCSlices(top).patients_in(ACDCSlices(top).ids)
+    assert train_patients == list(dl.ACDC_SPLIT["train"]) and len(train_patients) == 70
+    assert len(data["xl"]) == 7 * 6 and len(data["xu"]) == 63 * 6
+    test_patients = {s.split("_")[0] for s in data["volumes"].ids}
+    val_patients = {s.split("_")[0] for s in data["val"].ids}
+    assert test_patients == set(dl.ACDC_SPLIT["test"]) and len(data["volumes"]) == 40
+    assert val_patients == set(dl.ACDC_SPLIT["val"]) and len(data["val"]) == 20
+    assert not (set(train_patients) & (test_patients | val_patients))
+    assert pick(abd.CONFIG, "full").n_labeled == 7
+
+
+def test_acdc_without_split_lists_is_refused(tmp_path):
+    (tmp_path / "ACDC_training_slices").mkdir()
+    _h5(tmp_path / "ACDC_training_slices" / "patient001_frame01_slice_0.h5", np.zeros((8, 8), np.float32),
+        np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetNotFoundError, match="acdc_split_lists"):
+        ACDCSlices(tmp_path)
+    (tmp_path / "ACDC_training_volumes").mkdir()
+    with pytest.raises(dl.DownloadError, match="official split"):   # a partial copy cannot make the split
+        dl.acdc_split_lists(tmp_path)
+
+
 def test_real_acdc_sample_split_and_eval():
     root = abd.acdc_sample_root()
     if root is None:
@@ -53,3 +162,80 @@ def test_real_acdc_sample_split_and_eval():
     assert len(data["xl"]) == 60 and len(data["xu"]) == 328 and len(data["volumes"]) == 6
     scores = abd.evaluate(abd.build_model(cfg), cfg, [data["volumes"][0]])
     assert {"dice_RV", "dice_Myo", "dice_LV", "hd95_RV", "hd95_Myo", "hd95_LV", "dice", "hd95"} <= set(scores)
+
+
+# ---------------------------------------------------------------- training: checkpoint selection, resume, hooks
+
+def test_best_val_checkpoint_is_returned():
+    cfg = tiny(iters=3, val_every=1, n_volumes=1)
+    data = abd.make_data(cfg)
+    assert "val" in data and not torch.equal(data["val"][0]["image"], data["volumes"][0]["image"])
+    run = abd.train(cfg, data)
+    vals = [r["val_dice"] for r in run["history"].records if "val_dice" in r]
+    assert len(vals) == 3 and len(set(vals)) > 1
+    got = abd.evaluate(run["model"], cfg, data["val"])["dice"]
+    assert got == pytest.approx(max(vals), abs=1e-9)
+    assert "val" not in abd.make_data(tiny())          # toy profile: last weights, no val volumes built
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAt:
+    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
+    def __init__(self, step):
+        self.step = step
+    def update(self, step, **_):
+        if step == self.step:
+            raise Stop
+    def close(self):
+        pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny(iters=4, ckpt_every=2)
+    data = abd.make_data(cfg)
+    ref = abd.train(cfg, data)["model"].state_dict()
+    ckpt = tmp_path / "abd.pt"
+    with pytest.raises(Stop):
+        abd.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.is_file()
+    resumed = abd.train(cfg, data, ckpt=ckpt)["model"].state_dict()
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_abd_r_can_be_replaced_without_monkeypatching():
+    calls = []
+    def spy(*args, **kw):
+        calls.append(1)
+        return abd.abd_r(*args, **kw)
+    abd.train(tiny(iters=2), abd_r_fn=spy)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------- the full config, one step, real sample
+
+@pytest.mark.skipif(not SLOW, reason="slow (one 224-px iteration of two full UNets plus val scoring: minutes on a CPU): run with SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_real_acdc_sample():
+    root = abd.acdc_sample_root()
+    if root is None:
+        pytest.skip("real ACDC sample absent: set SEGLAB_SHARED_DATA to the folder holding acdc/")
+    cfg = pick(abd.CONFIG, "full").replace(root=root, iters=1)       # nothing else changed (no pretrained weights here)
+    data = abd.make_data(cfg)
+    assert data["xl"].shape[1:] == (1, 224, 224) and len(data["labelled"]) == 7
+    run = abd.train(cfg, data)
+    assert sum(p.numel() for p in run["model"].nets[0].parameters()) == 1_813_764 and len(run["model"].nets) == 2
+    rec = run["history"].records
+    assert {"sup", "cps", "cps2", "abd_i"} <= set(rec[0]) and np.isfinite(rec[0]["loss"]) and "val_dice" in rec[-1]
+    scores = abd.evaluate(run["model"], cfg, [data["volumes"][0]])
+    assert 0 <= scores["dice"] <= 1
+
+
+def test_tour_forwards_ckpt(tmp_path, monkeypatch):
+    small = dict(abd.CONFIG["toy"], n_train=3, slices=4, n_volumes=1, channels=(4, 8, 8, 8, 8), batch_l=2, batch_u=2,
+                 iters=2, log_every=1)
+    monkeypatch.setitem(abd.CONFIG, "toy", small)
+    out = abd.tour("toy", ckpt=tmp_path / "abd-toy.pt")
+    assert (tmp_path / "abd-toy.pt").is_file() and (tmp_path / "abd-toy-labelled-only.pt").is_file()
+    assert {"metric", "value", "chance", "labelled_only"} <= set(out)

@@ -541,12 +541,13 @@ class _ACDC(Dataset):
         if self.dir is None:
             require(self.root, name, [self._dirs[0]], top=self.top)
         lst = self.root / ("train_slices.list" if split == "train" else f"{split}.list")
-        if lst.exists():
-            stems = [l.strip() for l in lst.read_text().splitlines() if l.strip()]
-        else:
-            warnings.warn(f"{lst} not found: using every file in {self.dir} (copy SSL4MIS's *.list files there "
-                          "for the standard 70/10/20 patient split)")
-            stems = sorted(p.stem for p in self.dir.glob("*.h5"))
+        if not lst.exists():   # never fall back to "every file": that trains on val/test patients
+            raise DatasetNotFoundError(
+                f"{name}: {lst} is missing, so the patient split is unknown. The split lists name the official "
+                f"SSL4MIS/ABD patients (70 train, 10 val, 20 test); `seglab data get {name}` writes them. For a "
+                f"folder fetched without them, run `python -c \"from seglab.data.download import acdc_split_lists; "
+                f"acdc_split_lists('{self.root}')\"` (or pass root= pointing at a copy with the lists).")
+        stems = [l.strip() for l in lst.read_text().splitlines() if l.strip()]
         keep = None if patients is None else set(patients)
         self.ids = [s for s in stems if keep is None or _acdc_patient(s) in keep]
         require(self.dir, name, [f"{s}.h5" for s in self.ids], top=self.top)

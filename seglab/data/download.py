@@ -37,11 +37,12 @@ from ..config import atomic_path, data_root
 
 # %% auto #0
 __all__ = ['COCOSTUFF27_COURSE', 'COCOSTUFF27_LISTS', 'REGISTRY', 'FAMILIES', 'MAX_MEMBER_PATH', 'MAX_NAME', 'LOCK_NAME',
-           'PREPARERS', 'MARKER', 'FileSpec', 'Subset', 'DatasetSpec', 'DownloadError', 'ChecksumError',
+           'PREPARERS', 'ACDC_SPLIT', 'MARKER', 'FileSpec', 'Subset', 'DatasetSpec', 'DownloadError', 'ChecksumError',
            'CorruptArchiveError', 'UnsafeArchiveError', 'ManualDownloadRequired', 'file_digests', 'verify_file',
            'download', 'local_server', 'safe_extract', 'read_lock', 'unpin', 'archive_problem', 'fetch_file',
-           'voc_course_lists', 'voc_aug_lists', 'pascal5i_folds', 'coco20i_folds', 'cocostuff27_subset', 'get_command',
-           'missing_paths', 'get', 'check', 'registry_table', 'format_table', 'data_cli', 'family_main']
+           'voc_course_lists', 'voc_aug_lists', 'pascal5i_folds', 'coco20i_folds', 'cocostuff27_subset',
+           'acdc_split_lists', 'get_command', 'missing_paths', 'get', 'check', 'registry_table', 'format_table',
+           'data_cli', 'family_main']
 
 # %% ../../nbs/00_foundations/02_data.ipynb #b89f78c4
 @dataclasses.dataclass(frozen=True)
@@ -235,11 +236,12 @@ _ENTRIES = [
         (FileSpec("WSL4MIS-fe9537e.zip",
                   ("https://github.com/HiLab-git/WSL4MIS/archive/fe9537e797c1b333e4e01f4239ffe1e5873abd95.zip",),
                   strip="WSL4MIS-*/data"),),
-        ("ACDC/ACDC_training_slices", "ACDC/ACDC_training_volumes"),
+        ("ACDC/ACDC_training_slices", "ACDC/ACDC_training_volumes", "ACDC/train_slices.list", "ACDC/val.list",
+         "ACDC/test.list"),
         "ACDC: non-commercial research, cite the challenge; WSL4MIS code MIT",
         "O. Bernard et al. Deep Learning Techniques for Automatic MRI Cardiac Multi-structures Segmentation and "
         "Diagnosis: Is the Problem Solved? IEEE TMI 37(11), 2018.",
-        "https://www.creatis.insa-lyon.fr/Challenge/acdc/",
+        "https://www.creatis.insa-lyon.fr/Challenge/acdc/", prepare=("acdc_split_lists",),
         subsets={"course": Subset("the h5 data only (the whole repository archive is still downloaded)",
                                   include=("ACDC/*",))}),
     _sod("duts_tr", "DUTS-TR (10,553 training images)",
@@ -1040,6 +1042,49 @@ def cocostuff27_subset(work: Path, root: Path, subset: str | None, counts: dict 
 
 PREPARERS = {f.__name__: f for f in (voc_course_lists, voc_aug_lists, pascal5i_folds, coco20i_folds,
                                      cocostuff27_subset)}
+
+# %% ../../nbs/00_foundations/02_data.ipynb #a6d1c5e2
+_ACDC_TRAIN = (  # patient numbers in the order of SSL4MIS's (= ABD's) train_slices.list: the labelled sets are its head
+    99, 38, 50, 100, 58, 21, 49, 20, 72, 40, 60, 89, 4, 56, 98, 96, 31, 18, 94, 47, 48, 55, 97, 74, 43, 41, 63, 37,
+    95, 54, 26, 88, 32, 69, 6, 71, 12, 73, 61, 17, 25, 10, 57, 29, 51, 5, 36, 46, 62, 34, 76, 92, 70, 77, 67, 3,
+    91, 16, 14, 44, 42, 90, 53, 27, 35, 86, 23, 9, 79, 15)
+_ACDC_VAL = (28, 85, 82, 87, 19, 30, 78, 45, 2, 39)
+_ACDC_TEST = (11, 13, 84, 33, 93, 22, 68, 24, 83, 81,
+             80, 1, 7, 66, 8, 65, 75, 64, 59, 52)
+ACDC_SPLIT = {s: tuple(f"patient{n:03d}" for n in ids)
+              for s, ids in (("train", _ACDC_TRAIN), ("val", _ACDC_VAL), ("test", _ACDC_TEST))}
+
+def _acdc_order(stem: str) -> tuple[int, ...]:
+    "`patientNNN_frameFF[_slice_K]` -> its numbers, so frames and slices sort numerically (slice_2 before slice_10)."
+    return tuple(int(n) for n in re.findall(r"\d+", stem))
+
+def acdc_split_lists(work: str | Path, root: Path | None = None, subset: str | None = None) -> None:
+    """Write the official ACDC patient split as SSL4MIS-format lists (one file stem per line) next to the WSL4MIS
+    folders in `work` (or `work/ACDC`): `train_slices.list` (every slice of the 70 train patients, patients in the
+    official order), `val.list` and `test.list` (the ED/ES volumes of the 10 val and 20 test patients)."""
+    work = Path(work)
+    base = work / "ACDC" if (work / "ACDC").is_dir() else work
+    found: dict[tuple[str, str], list[str]] = {}
+    for kind in ("slices", "volumes"):
+        folder = base / f"ACDC_training_{kind}"
+        if not folder.is_dir():
+            raise DownloadError(f"acdc: {folder} is missing; expected the WSL4MIS layout (ACDC_training_slices/, "
+                                "ACDC_training_volumes/). Run `seglab data get acdc`.")
+        for p in folder.glob("*.h5"):
+            found.setdefault((kind, p.stem.split("_")[0]), []).append(p.stem)
+    need = [("slices", p) for p in ACDC_SPLIT["train"]] + [("volumes", p) for s in ("val", "test") for p in ACDC_SPLIT[s]]
+    missing = [f"{p} ({k})" for k, p in need if (k, p) not in found]
+    if missing:
+        raise DownloadError(f"acdc: {len(missing)} patient(s) of the official split have no files under {base}: "
+                            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. Re-run `seglab data get acdc`.")
+    lists = {"train_slices.list": [s for p in ACDC_SPLIT["train"] for s in sorted(found[("slices", p)], key=_acdc_order)],
+             **{f"{s}.list": [v for p in ACDC_SPLIT[s] for v in sorted(found[("volumes", p)], key=_acdc_order)]
+                for s in ("val", "test")}}
+    for name, stems in lists.items():
+        with atomic_path(base / name) as tmp:
+            tmp.write_text("\n".join(stems) + "\n")
+
+PREPARERS[acdc_split_lists.__name__] = acdc_split_lists
 
 # %% ../../nbs/00_foundations/02_data.ipynb #6023ce6a
 MARKER = ".seglab_ready.json"

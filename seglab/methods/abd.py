@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,16 +15,16 @@ import torch.nn.functional as F
 
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import ACDCSlices, ACDCVolumes, resize_image, resize_mask, sample_data_dir
-from ..engine import fit, lr_schedule
+from ..engine import fit, load_checkpoint, lr_schedule, save_checkpoint
 from ..metrics import volume_scores
-from ..toyworld import CardiacVolumes
+from ..toyworld import CardiacSlices, CardiacVolumes
 
 # %% auto #0
 __all__ = ['STRUCTURES', 'CONFIG', 'ConvBlock', 'UpBlock', 'UNet', 'weak_view', 'cutout_box', 'strong_view', 'dice_loss',
            'sup_loss', 'cps_loss', 'consistency_weight', 'to_patches', 'from_patches', 'displace', 'confidence',
            'patch_confidence', 'patch_logits', 'reliable_patch', 'abd_r', 'abd_i', 'ABDNets', 'build_model',
-           'abd_losses', 'train_step', 'stack_slices', 'acdc_sample_root', 'make_data', 'TwoStreamBatches', 'train',
-           'predict_volume', 'summarize', 'evaluate', 'chance_dice', 'tour']
+           'abd_losses', 'train_step', 'displacement_check', 'stack_slices', 'acdc_sample_root', 'make_data',
+           'TwoStreamBatches', 'BestOnVal', 'train', 'predict_volume', 'summarize', 'evaluate', 'chance_dice', 'tour']
 
 # %% ../../nbs/30_semi/31_abd.ipynb #67243d91
 class ConvBlock(nn.Sequential):
@@ -33,16 +34,17 @@ class ConvBlock(nn.Sequential):
                          nn.Dropout(p), nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU())
 
 class UpBlock(nn.Module):
-    "Transposed-conv upsampling, concatenation with the skip feature, then a `ConvBlock`."
+    "A 1x1 conv to the skip width, x2 bilinear upsampling, concatenation with the skip feature, then a `ConvBlock`."
     def __init__(self, cin: int, cskip: int, cout: int):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cskip, 2, stride=2)
+        self.reduce = nn.Conv2d(cin, cskip, 1)
         self.conv = ConvBlock(2 * cskip, cout, 0.0)
     def forward(self, x, skip):
-        return self.conv(torch.cat([skip, self.up(x)], 1))
+        up = F.interpolate(self.reduce(x), scale_factor=2, mode="bilinear", align_corners=True)
+        return self.conv(torch.cat([skip, up], 1))
 
 class UNet(nn.Module):
-    "The SSL4MIS 2D UNet: 5 levels of `ConvBlock`s, max-pool down, transposed-conv up; returns logits [B,K,H,W]."
+    "The SSL4MIS 2D UNet: 5 levels of `ConvBlock`s, max-pool down, 1x1 conv + bilinear up; returns logits [B,K,H,W]."
     def __init__(self, in_ch: int = 1, n_classes: int = 4, channels=(16, 32, 64, 128, 256),
                  dropout=(0.05, 0.1, 0.2, 0.3, 0.5)):
         super().__init__()
@@ -213,39 +215,94 @@ def build_model(cfg) -> ABDNets:
         raise ValueError(f"method={cfg.method!r} is not known; use 'abd' or 'supervised'")
     return ABDNets([UNet(1, cfg.n_classes, cfg.channels) for _ in range(n)])
 
-def abd_losses(nets, xl, yl, xu, t: int, cfg) -> dict:
-    "All losses of one ABD cross-teaching step; model 1 sees weak views, model 2 strong views."
+def abd_losses(nets, xl, yl, xu, t: int, cfg, abd_r_fn=None, abd_i_fn=None, trace: dict | None = None) -> dict:
+    """All losses of one ABD cross-teaching step; model 1 sees weak views, model 2 strong views. `abd_r_fn` /
+    `abd_i_fn` replace `abd_r` / `abd_i` (exercises); `trace`, when a dict, receives the views and displaced batches."""
     m1, m2 = nets
     xl_w, yl_w = weak_view(xl, yl)
     xu_w, _ = weak_view(xu)
     xl_s, yl_s = strong_view(xl_w, yl_w, cfg.p_cutout, cfg.jitter)
     xu_s, _ = strong_view(xu_w, None, cfg.p_cutout, cfg.jitter)
     nl = len(xl)
+    if trace is not None:
+        trace.update(xl_w=xl_w, yl_w=yl_w, xl_s=xl_s, yl_s=yl_s, xu_w=xu_w, xu_s=xu_s)
     o1, o2 = m1(torch.cat([xl_w, xu_w])), m2(torch.cat([xl_s, xu_s]))
     lam = consistency_weight(t, cfg.cons_weight, cfg.ramp_iters)
     L = dict(sup=sup_loss(o1[:nl], yl_w) + sup_loss(o2[:nl], yl_s),
              cps=cps_loss(o1[nl:], o2[nl:]) + cps_loss(o2[nl:], o1[nl:]))
     total = L["sup"] + lam * L["cps"]
     if cfg.abd_r:
-        r1, r2, _ = abd_r(xu_w, xu_s, o1[nl:].detach(), o2[nl:].detach(), cfg.grid, cfg.top_k)
+        r1, r2, _ = (abd_r_fn or abd_r)(xu_w, xu_s, o1[nl:].detach(), o2[nl:].detach(), cfg.grid, cfg.top_k)
         xr = torch.cat([r1, r2])
+        if trace is not None:
+            trace.update(r1=r1, r2=r2)
         p1, p2 = m1(xr), m2(xr)
         L["cps2"] = cps_loss(p1, p2) + cps_loss(p2, p1)
         total = total + lam * L["cps2"]
     if cfg.abd_i and t < cfg.abd_i_iters:
-        i1, i2, j1, j2, _ = abd_i(xl_w, xl_s, yl_w, yl_s, o1[:nl].detach(), o2[:nl].detach(), cfg.grid, cfg.p_abd_i)
+        i1, i2, j1, j2, _ = (abd_i_fn or abd_i)(xl_w, xl_s, yl_w, yl_s, o1[:nl].detach(), o2[:nl].detach(), cfg.grid, cfg.p_abd_i)
         xi, yi = torch.cat([i1, i2]), torch.cat([j1, j2])
+        if trace is not None:
+            trace.update(i1=i1, i2=i2, j1=j1, j2=j2)
         L["abd_i"] = sup_loss(m1(xi), yi) + sup_loss(m2(xi), yi)
         total = total + cfg.w_abd_i * L["abd_i"]
     return dict(loss=total, **L, lam=torch.tensor(lam))
 
-def train_step(model: ABDNets, batch: dict, cfg) -> dict:
+def train_step(model: ABDNets, batch: dict, cfg, abd_r_fn=None, abd_i_fn=None) -> dict:
     "One step for `seglab.engine.fit`: the ABD losses, or L_sup of model 1 for the labelled-only baseline."
     if cfg.method == "supervised":
         xl_w, yl_w = weak_view(batch["xl"], batch["yl"])
         loss = sup_loss(model.nets[0](xl_w), yl_w)
         return dict(loss=loss, sup=loss)
-    return abd_losses(model.nets, batch["xl"], batch["yl"], batch["xu"], batch["t"], cfg)
+    return abd_losses(model.nets, batch["xl"], batch["yl"], batch["xu"], batch["t"], cfg, abd_r_fn, abd_i_fn)
+
+# %% ../../nbs/30_semi/31_abd.ipynb #c3e5a7d2
+def _moved(after: torch.Tensor, before: torch.Tensor, grid: int) -> int:
+    "Number of patches that differ between two batches."
+    return int((to_patches(after, grid) != to_patches(before, grid)).flatten(2).any(-1).sum())
+
+def _label_errors(img, lab, own_x, own_y, other_x, other_y, grid: int) -> tuple[int, int]:
+    """For each patch of a displaced labelled batch: the source of the image patch (same place in its own view, or
+    the matching patch of the partner view) and whether the label patch is that source's label. Returns
+    (misaligned patches, displaced patches whose label differs from the label they replaced)."""
+    P = lambda t: to_patches(t if t.dim() == 4 else t[:, None], grid)
+    pi, pl, ox, oy, tx, ty = P(img), P(lab), P(own_x), P(own_y), P(other_x), P(other_y)
+    bad = informative = 0
+    for n in range(len(pi)):
+        for k in range(pi.shape[1]):
+            if torch.equal(pi[n, k], ox[n, k]):
+                want = oy[n, k]
+            else:
+                m = next(m for m in range(tx.shape[1]) if torch.equal(pi[n, k], tx[n, m]))
+                want = ty[n, m]
+                informative += int(not torch.equal(want, oy[n, k]))
+            bad += int(not torch.equal(pl[n, k], want))
+    return bad, informative
+
+@torch.no_grad()
+def displacement_check(cfg, n: int = 8, seed: int = 0, abd_i_fn=None) -> dict:
+    """One ABD step of `cfg` on `n` labelled + `n` unlabelled ToyWorld slices with untrained networks: how many
+    patches ABD-R and ABD-I moved, and whether every displaced labelled image is still aligned with its label.
+    Raises AssertionError when both displacements are off or a label patch does not match its image patch."""
+    torch.manual_seed(seed)
+    cfg = cfg.replace(method="abd", p_abd_i=1.0)
+    toy = CardiacSlices(2 * n, size=cfg.size, seed=seed)
+    x = torch.stack([toy[i]["image"] for i in range(2 * n)])
+    y = torch.stack([toy[i]["mask"] for i in range(2 * n)])
+    nets, trace = build_model(cfg).nets.eval(), {}
+    abd_losses(nets, x[:n], y[:n], x[n:], 0, cfg, abd_i_fn=abd_i_fn, trace=trace)
+    g = cfg.grid
+    out = dict(abd_r_moved=(_moved(trace["r1"], trace["xu_w"], g) + _moved(trace["r2"], trace["xu_s"], g)) if "r1" in trace else 0,
+               abd_i_moved=(_moved(trace["i1"], trace["xl_w"], g) + _moved(trace["i2"], trace["xl_s"], g)) if "i1" in trace else 0)
+    assert out["abd_r_moved"] + out["abd_i_moved"] > 0, f"both displacements are off (abd_r={cfg.abd_r}, abd_i={cfg.abd_i})"
+    bad = informative = 0
+    if "i1" in trace:
+        for img, lab, own, other in (("i1", "j1", "w", "s"), ("i2", "j2", "s", "w")):
+            b, i = _label_errors(trace[img], trace[lab], trace[f"xl_{own}"], trace[f"yl_{own}"], trace[f"xl_{other}"],
+                                 trace[f"yl_{other}"], g)
+            bad, informative = bad + b, informative + i
+        assert bad == 0, f"{bad} displaced patches carry labels that were not moved with them"
+    return dict(out, aligned=bad == 0, informative=informative)
 
 # %% ../../nbs/30_semi/31_abd.ipynb #712c9b13
 def stack_slices(ds, size: int) -> dict:
@@ -260,9 +317,10 @@ def acdc_sample_root():
     return root if (root / "train_slices.list").exists() else None
 
 def make_data(cfg) -> dict:
-    """Labelled slices `xl`, `yl`, unlabelled slices `xu` and evaluation `volumes` for `cfg.data`: 'toy' (the slices
-    of `n_train` ToyWorld hearts, the first `n_labeled` hearts labelled) or 'acdc' (the first `n_labeled` patients
-    labelled). In both, labels come per subject, with all its slices, as in the paper's split."""
+    """Labelled slices `xl`, `yl`, unlabelled slices `xu`, the `labelled` subjects and the evaluation `volumes` (plus
+    `val` volumes when `cfg.val_every` > 0) for `cfg.data`: 'toy' (the slices of `n_train` ToyWorld hearts, the first
+    `n_labeled` hearts labelled) or 'acdc' (the first `n_labeled` patients of `train_slices.list`, whose order is the
+    official one, labelled). In both, labels come per subject, with all its slices, as in the paper's split."""
     if cfg.data == "toy":
         if not 0 < cfg.n_labeled < cfg.n_train:
             raise ValueError(f"n_labeled={cfg.n_labeled} must be between 1 and n_train - 1 = {cfg.n_train - 1}")
@@ -270,20 +328,24 @@ def make_data(cfg) -> dict:
         hearts = [hearts[i] for i in range(len(hearts))]
         slices = dict(image=torch.cat([h["image"] for h in hearts])[:, None], mask=torch.cat([h["mask"] for h in hearts]))
         is_lab = torch.arange(len(slices["mask"])) < cfg.n_labeled * cfg.slices
+        labelled = [f"heart{i}" for i in range(cfg.n_labeled)]
         volumes = CardiacVolumes(cfg.n_volumes, cfg.slices, cfg.size, cfg.seed + 1, cfg.difficulty)
+        val = CardiacVolumes(cfg.n_volumes, cfg.slices, cfg.size, cfg.seed + 2, cfg.difficulty) if cfg.val_every else None
     elif cfg.data == "acdc":
         ds = ACDCSlices(cfg.root, "train")
         patients = ds.patients_in(ds.ids)
         if not 0 < cfg.n_labeled < len(patients):
             raise ValueError(f"n_labeled={cfg.n_labeled} must be between 1 and {len(patients) - 1} "
                              f"(the slices hold {len(patients)} patients and some must stay unlabelled)")
-        labelled = set(patients[:cfg.n_labeled])
+        labelled = patients[:cfg.n_labeled]
         slices = stack_slices(ds, cfg.size)
-        is_lab = torch.tensor([s.split("_")[0] in labelled for s in ds.ids])
+        is_lab = torch.tensor([s.split("_")[0] in set(labelled) for s in ds.ids])
         volumes = ACDCVolumes(cfg.root, cfg.eval_split)
+        val = ACDCVolumes(cfg.root, "val") if cfg.val_every else None
     else:
         raise ValueError(f"data={cfg.data!r} is not known; use 'toy' or 'acdc'")
-    return dict(xl=slices["image"][is_lab], yl=slices["mask"][is_lab], xu=slices["image"][~is_lab], volumes=volumes)
+    return dict(xl=slices["image"][is_lab], yl=slices["mask"][is_lab], xu=slices["image"][~is_lab], labelled=labelled,
+                volumes=volumes, **({} if val is None else dict(val=val)))
 
 class TwoStreamBatches:
     "`iters` batches of `batch_l` labelled and `batch_u` unlabelled slices drawn at random, each with its iteration `t`."
@@ -297,16 +359,40 @@ class TwoStreamBatches:
             iu = torch.randint(len(self.data["xu"]), (self.batch_u,))
             yield dict(xl=self.data["xl"][il], yl=self.data["yl"][il], xu=self.data["xu"][iu], t=t)
 
-def train(cfg, data: dict | None = None, callbacks=()) -> dict:
+class BestOnVal:
+    """`seglab.engine.fit`'s `eval_fn`: scores model 1 on the `val` volumes (mean 3D Dice) and keeps a copy of the
+    weights of the best score so far (saved to `path` when given, so that a resumed run remembers it)."""
+    def __init__(self, volumes, size: int, path=None):
+        self.volumes, self.size, self.path, self.score, self.state = volumes, size, path, -1.0, None
+        if path is not None and Path(path).is_file():
+            saved = load_checkpoint(path)
+            self.score, self.state = saved["score"], saved["model"]
+    def __call__(self, model) -> dict:
+        dice = evaluate(model, None, self.volumes, self.size)["dice"]
+        if dice > self.score:
+            self.score, self.state = dice, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if self.path is not None:
+                save_checkpoint(self.path, dict(model=self.state, score=dice))
+        return dict(val_dice=dice)
+
+def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, abd_r_fn=None, abd_i_fn=None) -> dict:
     """Train `cfg.method` ('abd' or 'supervised') for `cfg.iters` iterations with SGD + poly lr through
-    `seglab.engine.fit`; returns `dict(model=ABDNets, history=History, data=data)`."""
+    `seglab.engine.fit`; returns `dict(model=ABDNets, history=History, data=data)`. `ckpt`: a checkpoint path
+    (written every `cfg.ckpt_every` iterations; a run resumes from it when it exists). With `cfg.val_every` > 0,
+    model 1 is scored on the val volumes every `val_every` iterations and the returned model holds the weights of
+    the best val score (the official protocol); with 0 it holds the last weights. `abd_r_fn` / `abd_i_fn` replace
+    `abd_r` / `abd_i` (for the exercises)."""
     seed_everything(cfg.seed)
     data = data or make_data(cfg)
     model = build_model(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    history = fit(model, lambda m, b: train_step(m, b, cfg), TwoStreamBatches(data, cfg.batch_l, cfg.batch_u, cfg.iters),
-                  opt, steps=cfg.iters, scheduler=lr_schedule(opt, cfg.iters, "poly"), callbacks=callbacks,
+    best = BestOnVal(data["val"], cfg.size, None if ckpt is None else f"{ckpt}.best") if cfg.val_every else None
+    history = fit(model, lambda m, b: train_step(m, b, cfg, abd_r_fn, abd_i_fn), TwoStreamBatches(data, cfg.batch_l, cfg.batch_u,
+                  cfg.iters), opt, steps=cfg.iters, scheduler=lr_schedule(opt, cfg.iters, "poly"), callbacks=callbacks,
+                  ckpt=ckpt, ckpt_every=cfg.ckpt_every, eval_fn=best, eval_every=cfg.val_every or None,
                   log_every=cfg.log_every, seed=cfg.seed, device=get_device(cfg.device), desc=f"{cfg.method}")
+    if best is not None and best.state is not None:
+        model.load_state_dict(best.state)
     return dict(model=model, history=history, data=data)
 
 @torch.no_grad()
@@ -330,10 +416,11 @@ def summarize(per_volume: list[dict]) -> dict:
     out["hd95"] = float(np.mean([out[f"hd95_{n}"] for n in STRUCTURES.values()]))
     return out
 
-def evaluate(model: nn.Module, cfg, volumes=None) -> dict:
+def evaluate(model: nn.Module, cfg, volumes=None, size: int | None = None) -> dict:
     "Dice and HD95 (voxels) per structure on 3D volumes predicted slice by slice by model 1, averaged over volumes."
     volumes = volumes if volumes is not None else make_data(cfg)["volumes"]
-    return summarize([volume_scores(predict_volume(model, v["image"], cfg.size).numpy(), v["mask"].numpy())
+    size = size or cfg.size
+    return summarize([volume_scores(predict_volume(model, v["image"], size).numpy(), v["mask"].numpy())
                       for v in (volumes[i] for i in range(len(volumes)))])
 
 def chance_dice(data: dict, cfg, seed: int = 0) -> float:
@@ -350,21 +437,23 @@ def chance_dice(data: dict, cfg, seed: int = 0) -> float:
 # %% ../../nbs/30_semi/31_abd.ipynb #8a3f2ab7
 CONFIG = dict(
     common=dict(n_classes=4, grid=4, top_k=4, p_abd_i=0.5, w_abd_i=2.0, p_cutout=0.5, jitter=0.8, method="abd",
-                abd_r=True, abd_i=True, seed=0, device=None, eval_split="test"),
+                abd_r=True, abd_i=True, seed=0, device=None, eval_split="test", ckpt_every=100),
     toy=dict(data="toy", root=None, difficulty=1.0, size=32, n_train=25, n_labeled=1, n_volumes=6, slices=8,
              channels=(8, 16, 32, 64, 128), batch_l=2, batch_u=4, iters=200, lr=0.02, cons_weight=0.3,
-             ramp_iters=100, abd_i_iters=140, log_every=10),
+             ramp_iters=100, abd_i_iters=140, val_every=0, log_every=10),
     full=dict(data="acdc", root=None, difficulty=None, size=224, n_train=None, n_labeled=7, n_volumes=None, slices=None,
               channels=(16, 32, 64, 128, 256), batch_l=8, batch_u=8, iters=6000, lr=0.01, cons_weight=0.1,
-              ramp_iters=6000, abd_i_iters=4000, log_every=50),
+              ramp_iters=6000, abd_i_iters=4000, val_every=200, log_every=50),
 )
 
 # %% ../../nbs/30_semi/31_abd.ipynb #525ea16e
-def tour(profile: str | None = "toy") -> dict:
-    "Train ABD and the labelled-only baseline in `profile`; report mean 3D Dice (RV/Myo/LV) beside chance."
+def tour(profile: str | None = "toy", ckpt=None) -> dict:
+    """Train ABD and the labelled-only baseline in `profile`; report mean 3D Dice (RV/Myo/LV) beside chance. `ckpt`:
+    ABD's checkpoint path (the baseline's is `<stem>-labelled-only<suffix>` beside it); runs resume from them."""
     cfg = pick(CONFIG, get_profile(profile))
     data = make_data(cfg)
-    abd = evaluate(train(cfg, data)["model"], cfg, data["volumes"])
-    sup = evaluate(train(cfg.replace(method="supervised"), data)["model"], cfg, data["volumes"])
+    sup_ckpt = None if ckpt is None else Path(ckpt).with_name(f"{Path(ckpt).stem}-labelled-only{Path(ckpt).suffix}")
+    abd = evaluate(train(cfg, data, ckpt=ckpt)["model"], cfg, data["volumes"])
+    sup = evaluate(train(cfg.replace(method="supervised"), data, ckpt=sup_ckpt)["model"], cfg, data["volumes"])
     return dict(metric="Dice (3D, mean of RV/Myo/LV)", value=abd["dice"], chance=chance_dice(data, cfg),
                 labelled_only=sup["dice"], hd95=abd["hd95"], profile=cfg.profile)
