@@ -140,6 +140,14 @@ def test_data_get_acdc_then_full_data_step_gives_the_official_split(tmp_path):
     assert val_patients == set(dl.ACDC_SPLIT["val"]) and len(data["val"]) == 20
     assert not (set(train_patients) & (test_patients | val_patients))
     assert pick(abd.CONFIG, "full").n_labeled == 7
+    lists = sorted(p.relative_to(top).as_posix() for p in top.rglob("*.list"))
+    for p in top.rglob("*.list"):  # a folder prepared before the split lists existed: get must prepare it again
+        p.unlink()
+    with dl.local_server(serve) as (url, _), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = dl.get("acdc", tmp_path / "data", registry={"acdc": dataclasses.replace(spec, files=(fs,))},
+                       progress=False)
+    assert sorted(p.relative_to(again).as_posix() for p in again.rglob("*.list")) == lists and len(lists) == 3
 
 
 def test_acdc_without_split_lists_is_refused(tmp_path):

@@ -561,13 +561,11 @@ class _ACDC(Dataset):
         return list(dict.fromkeys(_acdc_patient(s) for s in ids))
 
     def _read(self, i: int) -> dict:
-        with h5py.File(self.dir / f"{self.ids[i]}.h5", "r") as f:
-            image = torch.from_numpy(f["image"][()].astype(np.float32))
-            mask = torch.from_numpy(f["label"][()].astype(np.int64))
-            out = dict(image=image, mask=mask)
-            if "scribble" in f:
-                scr = f["scribble"][()].astype(np.int64)
-                out["scribble"] = torch.from_numpy(np.where(scr >= 4, 255, scr))
+        arrs = read_h5(self.dir / f"{self.ids[i]}.h5")  # a truncated file names itself and the fix
+        out = dict(image=torch.from_numpy(arrs["image"].astype(np.float32)),
+                   mask=torch.from_numpy(arrs["label"].astype(np.int64)))
+        if "scribble" in arrs:
+            out["scribble"] = torch.from_numpy(np.where(arrs["scribble"] >= 4, 255, arrs["scribble"].astype(np.int64)))
         out["meta"] = dict(id=self.ids[i], dataset=self.name, patient=_acdc_patient(self.ids[i]))
         return out
 

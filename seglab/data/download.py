@@ -1154,8 +1154,8 @@ def get(name: str, root: str | Path | None = None, subset: str | None = None, *,
     final = root / ds.name
     with _file_lock(final):
         marker = _read_marker(final)
-        if marker is not None and marker.get("subset") in (None, subset):
-            return final
+        if marker is not None and marker.get("subset") in (None, subset) and not missing_paths(final, ds.layout):
+            return final  # prepared, and its layout is complete (a folder from an older seglab may lack new files)
         files = ds.files_for(subset)
         paths = [fetch_file(ds, fs, root, progress) for fs in files]
         _clean_stale(root, ds.name)
