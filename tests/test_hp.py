@@ -195,3 +195,103 @@ def test_labels_never_reach_the_head():
         if not k.startswith("linear_probe."):
             assert torch.equal(sa[k], sb[k]), k
     assert not torch.equal(sa["linear_probe.weight"], sb["linear_probe.weight"])
+
+
+def test_prepare_data_second_call_reads_the_feature_cache(tmp_path, monkeypatch):
+    """The frozen features come from `seglab.cache.feature_cache`: a second `prepare_data` with the same backbone and
+    images does not run the backbone and returns the same tensors; other weights are a different entry."""
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    calls = []
+    real = hp.backbone_features
+    monkeypatch.setattr(hp, "backbone_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = pick(hp.CONFIG, "toy").replace(n_train=6, n_val=3, feat_batch=4)
+    first = hp.prepare_data(cfg)
+    assert len(calls) == 2 and len(list((tmp_path / "features").glob("hp-*.pt"))) == 2
+    second = hp.prepare_data(cfg)
+    assert len(calls) == 2  # the backbone did not run again
+    for split in ("train", "val"):
+        assert first[split].keys() == second[split].keys()
+        for k in first[split]:
+            assert torch.equal(first[split][k], second[split][k]), (split, k)
+    direct = real(toy_vit(), first["train"]["image"], 4, "cpu", augment_seed=cfg.seed)
+    assert all(torch.equal(direct[k], first["train"][k]) for k in direct)  # the cache changes no number
+    other = toy_vit()
+    with torch.no_grad():
+        other.blocks[-1].mlp.fc2.bias.add_(0.1)
+    hp.prepare_data(cfg, backbone=other)
+    assert len(calls) == 4  # new weights: new entries
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bench_case_runs_one_step(cached, monkeypatch):
+    "`bench_case` (toy sizes): one call is one optimizer step of every trainable part; the frozen backbone stays put."
+    calls = []
+    real = hp.vit_features
+    monkeypatch.setattr(hp, "vit_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert hp.BENCH_HAS_CACHE is True
+    cfg = pick(hp.CONFIG, "toy").replace(batch=4, pool_size=16, device="cpu")
+    case = hp.bench_case(cfg, cached=cached)
+    assert case["batch"] == 4
+    n0 = len(calls)
+    case["run"]()
+    assert len(calls) - n0 == (0 if cached else 2)  # clean + augmented view only without the cache
+
+
+def test_kmeans_comes_from_the_baselines():
+    "No k-means of HP's own: the baseline is `seglab.baselines.kmeans_readout`."
+    from seglab import baselines
+    assert not hasattr(hp, "spherical_kmeans")
+    data = synthetic_data(n_train=12, n_val=4, k=3)
+    a = hp.kmeans_baseline(data, 3, seed=0, n_init=2)
+    b = baselines.kmeans_readout(data["train"]["f"], data["val"]["f"], data["val"]["mask"], 3, n_init=2, seed=0)
+    assert a["miou"] == b["miou"] and torch.equal(a["centroids"], b["centroids"])
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from seglab.config import pick
+from seglab.engine import dist_info
+from seglab.methods import hp
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+def split(n):
+    f = torch.randn(n, 16, 4, 4, generator=g)
+    f[:, 0] = torch.arange(n, dtype=torch.float)[:, None, None]  # channel 0 holds the sample id
+    return dict(f=f, aw=torch.rand(n, 9, 4, 4, generator=g), f_aug=f + 0.1 * torch.randn(f.shape, generator=g),
+                mask=torch.randint(5, (n, 32, 32), generator=g))
+data = dict(train=split(24), val=split(8))
+cfg = pick(hp.CONFIG, "toy").replace(steps=6, batch=8, pool_size=8, renew_interval=2, warmup=2, dim=16, feat_batch=8,
+                                     n_init=2, dropout=0.0, device="cpu")
+seen, step = [], hp.train_step
+def spy(model, batch, *a, **k):
+    seen.append(batch["f"][:, 0, 0, 0].long().tolist())
+    return step(model, batch, *a, **k)
+hp.train_step = spy
+model, hist = hp.train(cfg, data)
+rank, world = dist_info()
+state = {k: v for k, v in model.state_dict().items() if not k.startswith("cluster_probe.")}  # probe: fit after
+torch.save(dict(model=state, seen=seen, loss=hist.series("loss")[1]), f"{out}/rank{rank}.pt")
+"""
+
+
+def test_two_processes_match_one(tmp_path):
+    """HP on two gloo processes (torchrun): each rank sees its own disjoint half of every global batch, and both end
+    with the weights (head, projection, probes, EMA head, pools) of one process with the same global batch of 8.
+    Fails without the gathered loss (each rank would train on its own 4 images' loss)."""
+    from test_distributed import launch
+    script = tmp_path / "hp_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    for name, nproc in (("ddp", 2), ("single", 1)):
+        result = launch(script, tmp_path / name, nproc=nproc, batch_size=0)
+        assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
+    assert len(r0["seen"]) == len(one["seen"]) == 6
+    for a, b, whole in zip(r0["seen"], r1["seen"], one["seen"]):
+        assert len(a) == len(b) == 4 and not set(a) & set(b) and a + b == whole
+    for k in one["model"]:
+        assert torch.allclose(r0["model"][k], r1["model"][k], atol=1e-6), f"ranks disagree on {k}"
+        assert torch.allclose(r0["model"][k].float(), one["model"][k].float(), atol=1e-5), f"2 processes != 1 on {k}"
+    assert r0["loss"] == pytest.approx(one["loss"], abs=1e-5)

@@ -10,18 +10,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import dino_vit, toy_vit, vit_features
+from ..baselines import kmeans, kmeans_readout, lloyd
+from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
-from ..engine import ModelEMA, fit, tensor_batches
+from ..engine import ModelEMA, dist_info, fit, tensor_batches, unwrap
 from ..metrics import confusion_matrix, hungarian_scores, scores_from_confusion
 from .. import toyworld
 
 # %% auto #0
-__all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'frozen_backbone', 'photometric_aug', 'SegHead', 'ClusterProbe', 'HP', 'build_model',
-           'make_optimizer', 'flat', 'reference_pool', 'pool_threshold', 'hidden_positives', 'renew_pool',
-           'task_weight', 'neighbourhood', 'local_weights', 'window_weights', 'window_size', 'local_mix',
-           'denominator_mask', 'hp_contrastive', 'consistency_loss', 'train_step', 'backbone_features', 'resize_crop',
-           'coarse_toy_labels', 'load_split', 'prepare_data', 'evaluate', 'spherical_kmeans', 'kmeans_baseline',
-           'chance_miou', 'fit_probe', 'train', 'untrained_baseline', 'tour']
+__all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'BENCH_HAS_CACHE', 'frozen_backbone', 'photometric_aug', 'SegHead', 'ClusterProbe',
+           'HP', 'build_model', 'make_optimizer', 'flat', 'reference_pool', 'pool_threshold', 'hidden_positives',
+           'renew_pool', 'task_weight', 'neighbourhood', 'local_weights', 'window_weights', 'window_size', 'local_mix',
+           'denominator_mask', 'hp_contrastive', 'consistency_loss', 'gather', 'train_step', 'backbone_features',
+           'resize_crop', 'coarse_toy_labels', 'load_split', 'cached_features', 'prepare_data', 'evaluate',
+           'kmeans_baseline', 'chance_miou', 'fit_probe', 'train', 'untrained_baseline', 'tour', 'bench_case']
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #a3434198
 CONFIG = dict(
@@ -76,9 +78,14 @@ class ClusterProbe(nn.Module):
 
     @torch.no_grad()
     def converge(self, s: torch.Tensor, iters: int = 30, seed: int = 0, n_init: int = 10) -> None:
-        """Minimise the same hard k-means loss to a fixed point on `s` `[N,dim]`: Lloyd steps from the current
-        centroids and from `n_init - 1` random restarts; the lowest loss wins."""
-        self.centroids.copy_(spherical_kmeans(s, len(self.centroids), iters, seed, init=self.centroids, n_init=n_init))
+        """Minimise the same hard k-means loss to a fixed point on `s` `[N,dim]` with `seglab.baselines`: Lloyd steps
+        from the current centroids (`lloyd`) and cosine `kmeans` from `n_init - 1` k-means++ starts; the lowest loss
+        wins."""
+        c, curve = lloyd(s, self.centroids, iters)
+        if n_init > 1:
+            km = kmeans(s, len(self.centroids), n_init - 1, iters, seed)
+            c = km["centroids"] if km["loss"] < curve[-1] else c
+        self.centroids.copy_(c)
 
 def _ema_to_state(module, state, prefix, local_metadata):
     "state_dict hook: the EMA head's weights travel with the model (checkpoints, resume) as `ema_head.*`."
@@ -112,6 +119,10 @@ class HP(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # training steps taken (for resuming)
         self._register_state_dict_hook(_ema_to_state)
         self._register_load_state_dict_pre_hook(_ema_from_state, with_module=True)
+
+    def forward(self, batch: dict, cfg, lam: float, generator: torch.Generator | None = None, positives=None) -> dict:
+        "One training step's losses (`train_step`): going through the model lets DistributedDataParallel sync gradients."
+        return train_step(self, batch, cfg, lam, generator, positives)
 
     def _apply(self, fn, *args, **kwargs):
         "Move the EMA head with the model (`.to(device)`)."
@@ -246,18 +257,35 @@ def consistency_loss(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor:
     return (z - z_aug).norm(dim=1).mean()
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #6cae8dec
+def gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """`x` concatenated over the processes of a distributed run, in rank order (with `grad`: differentiable, by
+    `torch.distributed.nn.functional.all_gather`, whose backward sums each copy's gradient back to its owner); `x`
+    itself in a single process."""
+    world = dist_info()[1]
+    if world == 1:
+        return x
+    if grad:
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
 def train_step(model: HP, batch: dict, cfg, lam: float, generator: torch.Generator | None = None,
                positives=None) -> dict:
     """One HP step on cached features `batch` (`f`, `aw`, `f_aug`, `mask`); updates the EMA head; returns the losses.
-    `positives(batch, f, pool) -> [N,N] bool` replaces the mining of GHP_ag (default: `hidden_positives(f, pool)`)."""
+    `positives(batch, f, pool) -> [N,N] bool` replaces the mining of GHP_ag (default: `hidden_positives(f, pool)`).
+    Under `torchrun` each process holds a shard of the global batch: the mining features and the projections are
+    gathered over the processes, so every process computes the contrastive losses of the whole global batch."""
     f, aw, mask = batch["f"], batch["aw"], batch["mask"]
     drop = lambda x: F.dropout2d(x, cfg.dropout, model.training)
     s = model.head(f)
     with torch.no_grad():
         model.ema.module.train()  # Drop2d on its branches, as in the code
-        s_pr = F.normalize(flat(drop(model.ema.module(f))), dim=1)
-        fn = F.normalize(flat(drop(f)), dim=1)  # positives are mined on Drop2d-ed features (run.py:171)
-        ghp_ag = (positives or (lambda b, x, pool: hidden_positives(x, pool)))(batch, fn, model.pool_ag)
+        s_pr = gather(F.normalize(flat(drop(model.ema.module(f))), dim=1))
+        fn = gather(F.normalize(flat(drop(f)), dim=1))  # positives are mined on Drop2d-ed features (run.py:171)
+        whole = batch if dist_info()[1] == 1 or positives is None else {**batch, "f": gather(f), "mask": gather(mask)}
+        ghp_ag = (positives or (lambda b, x, pool: hidden_positives(x, pool)))(whole, fn, model.pool_ag)
         w = ghp_ag.float()
         if cfg.ghp_sp and lam > 0:
             w = w + lam * hidden_positives(s_pr, model.pool_sp).float()
@@ -265,8 +293,8 @@ def train_step(model: HP, batch: dict, cfg, lam: float, generator: torch.Generat
     model.ema.update(model.head)
     project = lambda x: F.normalize(model.proj(flat(x)), dim=1)
     z, chunk = project(s), f.shape[-2] * f.shape[-1]  # one chunk per image, as the official loss loops
-    l_ghp = hp_contrastive(z, w, den, anchors, cfg.tau, cfg.base_tau, chunk)
-    l_lhp = hp_contrastive(project(drop(local_mix(s, aw))), w, den, anchors, cfg.tau, cfg.base_tau,
+    l_ghp = hp_contrastive(gather(z, grad=True), w, den, anchors, cfg.tau, cfg.base_tau, chunk)
+    l_lhp = hp_contrastive(gather(project(drop(local_mix(s, aw))), grad=True), w, den, anchors, cfg.tau, cfg.base_tau,
                            chunk) if cfg.lhp else l_ghp.new_zeros(())
     l_cons = consistency_loss(z, project(model.head(batch["f_aug"]))) if cfg.consistency else l_ghp.new_zeros(())
     sd = s.detach()
@@ -325,14 +353,24 @@ def load_split(cfg, split: str, root=None) -> dict:
     items = [resize_crop(ds[i]["image"], ds[i]["mask"], size) for i in range(min(n, len(ds)))]
     return dict(image=torch.stack([x for x, _ in items]), mask=torch.stack([y for _, y in items]))
 
+def cached_features(backbone: nn.Module, images: torch.Tensor, batch: int = 128, device=None,
+                    augment_seed: int | None = 0) -> dict:
+    """`backbone_features` through the course's one feature cache (`seglab.cache.feature_cache`, under
+    `SEGLAB_CACHE/features`): keyed by the backbone (class and weights), the image size, the images themselves, the
+    augmentation seed and the batch (each batch draws its own augmentation). Returned on the CPU, as computed."""
+    key = ("hp.backbone_features/1", backbone, tuple(images.shape[-2:]), images, augment_seed, batch)
+    return feature_cache("hp", lambda: backbone_features(backbone, images, batch, device, augment_seed), key=key,
+                         device="cpu")
+
 def prepare_data(cfg, root=None, backbone: nn.Module | None = None) -> dict:
-    "Train and val splits with their cached frozen features: `{'train': {...}, 'val': {...}}`."
+    """Train and val splits with their frozen features: `{'train': {...}, 'val': {...}}`. The features come from
+    `cached_features`: a second call with the same backbone and images does not run the backbone."""
     backbone = backbone or frozen_backbone(cfg)
     data = {}
     for split in ("train", "val"):
         d = load_split(cfg, split, root)
-        d.update(backbone_features(backbone, d["image"], cfg.feat_batch, cfg.device,
-                                   augment_seed=cfg.seed if split == "train" else None))
+        d.update(cached_features(backbone, d["image"], cfg.feat_batch, cfg.device,
+                                 augment_seed=cfg.seed if split == "train" else None))
         data[split] = d
     return data
 
@@ -358,33 +396,11 @@ def evaluate(model: HP, cfg, data: dict | None = None) -> dict:
     li = _scores(lambda f: model.linear_probe(head(f)), val["f"], val["mask"], cfg.n_clusters, False)
     return dict(miou=cl["miou"], acc=cl["acc"], iou=cl["iou"], linear_miou=li["miou"], linear_acc=li["acc"])
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, init: torch.Tensor | None = None,
-                     n_init: int = 1) -> torch.Tensor:
-    """Cosine k-means (Lloyd) on rows of `x` `[N,D]`: the `k` normalised centroids. `n_init` runs (the first from
-    `init` `[k,D]` if given, the others from `k` random rows); the run with the highest mean cosine of each row to its
-    centroid (the lowest hard k-means loss) wins. A centroid that wins no row is re-seeded with a random row."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.normalize(x, dim=1)
-    best, best_fit = None, -2.0
-    for run in range(n_init):
-        c = F.normalize(init.detach().to(x), dim=1) if init is not None and run == 0 else \
-            x[torch.randperm(len(x), generator=g)[:k]].clone()
-        for _ in range(iters):
-            a = (x @ c.T).argmax(1)
-            sums = torch.zeros_like(c).index_add_(0, a, x)
-            alive = torch.bincount(a, minlength=k)[:, None] > 0
-            c = torch.where(alive, F.normalize(sums, dim=1), x[torch.randint(len(x), (k,), generator=g)])
-        fit = (x @ c.T).amax(1).mean().item()
-        if fit > best_fit:
-            best, best_fit = c, fit
-    return best
-
 def kmeans_baseline(data: dict, k: int, seed: int = 0, n_init: int = 10) -> dict:
-    """Hungarian acc/mIoU of cosine k-means (best of `n_init` restarts) fitted on the raw frozen train features and
-    applied to the val split."""
-    c = spherical_kmeans(flat(data["train"]["f"]), k, seed=seed, n_init=n_init)
-    return _scores(lambda f: torch.einsum("bdhw,kd->bkhw", F.normalize(f, dim=1), c), data["val"]["f"],
-                   data["val"]["mask"], k, True)
+    """The course's k-means baseline (`seglab.baselines.kmeans_readout`): cosine k-means, best of `n_init` k-means++
+    starts by its own loss, fitted on (at most 20,000) patches of the raw frozen train features, applied to the val
+    split and Hungarian-matched."""
+    return kmeans_readout(data["train"]["f"], data["val"]["f"], data["val"]["mask"], k, n_init=n_init, seed=seed)
 
 def chance_miou(data: dict, k: int, seed: int = 0) -> float:
     "Hungarian mIoU of labelling every val pixel with a uniformly random cluster."
@@ -414,16 +430,17 @@ def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, positives=None
     model.pool_ag = reference_pool(F.dropout2d(tr["f"][idx], cfg.dropout), g).to(device)  # Drop2d-ed, as in the code
     counter = {}
 
-    def step_fn(net, batch):
+    def step_fn(net, batch):  # `net`: the model, or its DistributedDataParallel wrapper under torchrun
+        hp = unwrap(net)
         if not counter:  # 0, or the step a resumed checkpoint had reached
-            counter["step"] = int(net.steps_done)
+            counter["step"] = int(hp.steps_done)
         t = counter["step"]
         gt = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)  # one stream per step: resuming redraws the same
         if cfg.ghp_sp and (t % cfg.renew_interval == 0):
-            net.pool_sp = renew_pool(net.ema.module.train(), tr["f"], cfg.pool_size, gt, drop=cfg.dropout).to(device)
+            hp.pool_sp = renew_pool(hp.ema.module.train(), tr["f"], cfg.pool_size, gt, drop=cfg.dropout).to(device)
         counter["step"] += 1
-        net.steps_done += 1
-        return train_step(net, batch, cfg, task_weight(t, cfg.warmup, cfg.steps), gt, positives)
+        hp.steps_done += 1
+        return net(batch, cfg, task_weight(t, cfg.warmup, cfg.steps), gt, positives)  # HP.forward: train_step
 
     history = fit(model, step_fn, tensor_batches(tr, cfg.batch, cfg.seed, keys=("f", "aw", "f_aug", "mask")),
                   make_optimizer(model, cfg), steps=cfg.steps, callbacks=callbacks, seed=cfg.seed, device=device,
@@ -449,3 +466,37 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
                 kmeans=kmeans_baseline(data, cfg.n_clusters, cfg.seed, cfg.n_init)["miou"],
                 untrained=untrained_baseline(cfg, data)["miou"], acc=r["acc"], linear_miou=r["linear_miou"],
                 steps=cfg.steps, profile=cfg.profile)
+
+# %% ../../nbs/10_unsupervised/11_hp.ipynb #86dd1a64
+BENCH_HAS_CACHE = True  # a frozen backbone: `seglab bench` times the step with and without the feature cache
+
+def bench_case(cfg, cached: bool = True) -> dict:
+    """One full HP optimizer step at `cfg`'s sizes for `seglab.bench`: random backbone weights, synthetic [0,1] images
+    and masks, both pools full, λ = 1 (every loss active). `cached`: the step reads precomputed features; otherwise
+    the frozen backbone's forward (clean and augmented view) runs inside the step."""
+    cfg = cfg.replace(pretrained=False)
+    device = get_device(cfg.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    mask = torch.randint(cfg.n_clusters, (cfg.batch, cfg.image_size, cfg.image_size), generator=g).to(device)
+    backbone = frozen_backbone(cfg).to(device).eval()
+
+    @torch.no_grad()
+    def frozen():
+        o = vit_features(backbone, images, attn_logits=True)
+        h, w = o["patch"].shape[-2:]
+        return dict(f=o["patch"].float(), aw=window_weights(local_weights(o["attn_logits"], h, w), h, w),
+                    f_aug=vit_features(backbone, photometric_aug(images, cfg.seed))["patch"].float(), mask=mask)
+
+    feats = frozen()
+    model = build_model(cfg, feats["f"].shape[1]).to(device).train()
+    model.pool_ag = F.normalize(torch.randn(cfg.pool_size, feats["f"].shape[1], generator=g), dim=1).to(device)
+    model.pool_sp = F.normalize(torch.randn(cfg.pool_size, cfg.dim, generator=g), dim=1).to(device)
+    opt = make_optimizer(model, cfg)
+
+    def run():
+        out = train_step(model, feats if cached else frozen(), cfg, 1.0, torch.Generator().manual_seed(cfg.seed))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+    return dict(run=run, batch=cfg.batch)
