@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from seglab.backbones import toy_clip
 from seglab.cam import box_mask, class_scores, colour_prompts, grad_cam
-from seglab.config import pick
+from seglab.config import pick, seed_everything
 from seglab.data.datasets import sample_data_dir
 from seglab.methods.weclip import (CONFIG, WeakCrops, build_model, cache_clip_pass, clip_pass, evaluate, toy_batches,
                                    toy_data, train, train_step, voc_batches)
@@ -114,7 +114,7 @@ def test_weak_crops_rescale_the_image_by_its_own_size():
 
 
 def _small(cfg_kw=None):
-    cfg = pick(CONFIG, "toy").replace(steps=6, batch=4, warmup=0, **(cfg_kw or {}))
+    cfg = pick(CONFIG, "toy").replace(**{**dict(steps=6, batch=4, warmup=0), **(cfg_kw or {})})
     model = build_model(cfg)
     return cfg, toy_batches(cache_clip_pass(model, toy_data(16, seed=100)), cfg.batch, cfg.seed)
 
@@ -172,3 +172,16 @@ def test_full_config_one_step_on_voc_samples():
     assert math.isfinite(hist.last("loss")) and model.decoder.cls.out_channels == 21
     r = evaluate(model, cfg)
     assert all(0 <= v <= 1 for v in r.values())
+
+
+def test_l_aff_alone_pulls_a_d_towards_the_pseudo_label_pairs():
+    "Mechanism check (#16): trained on L_aff alone, A_d matches the pairs better; a flipped sign would do the opposite."
+    cfg, data = _small(dict(steps=10, rfm_start=1.0))
+    batch = data(0)[0]
+    seed_everything(cfg.seed)
+    before = build_model(cfg).eval()                         # train() starts from this very decoder
+    after, _ = train(cfg, data=data, seg_loss_fn=lambda s, y: s.sum() * 0)
+    r = affinity_label(batch["y_static"], (8, 8), cfg.aff_radius)
+    cp = dict(tokens=batch["tokens"].transpose(0, 1), attn=batch["attn"].transpose(0, 1), cam=batch["cam"], hw=(8, 8))
+    l0, l1 = (float(aff_loss(m(batch["image"], batch["labels"], cp)[1].detach(), r)) for m in (before, after))
+    assert l1 < l0 - 0.02, (l0, l1)
