@@ -65,9 +65,17 @@ def clip_vit_forward(model, images: torch.Tensor, grad: bool = True) -> dict:
     return dict(tokens=torch.stack(tokens), attn=torch.stack(attns), ln1=y, feat=feat, hw=hw)
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #136f23fc
-def class_scores(feat: torch.Tensor, text_emb: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
-    "CLIP-ES's classification scores `softmax(scale * f^T T)` `[B, K+W]` over all foreground and background prompts."
-    return (scale * F.normalize(feat, dim=-1) @ F.normalize(text_emb, dim=-1).T).softmax(-1)
+def class_scores(feat: torch.Tensor, text_emb: torch.Tensor, scale: float = 100.0,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP-ES's classification scores `softmax(scale * f^T T)` `[B, K+W]`. With `labels` [B,K] (multi-hot over the
+    K foreground prompts, which come first in `text_emb`) each image's softmax runs over its labelled classes and
+    the W background words only, as in CLIP-ES/WeCLIP; its unlabelled classes score 0. `labels=None`: all prompts."""
+    logits = scale * F.normalize(feat, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    if labels is not None:
+        absent = torch.zeros_like(logits, dtype=torch.bool)
+        absent[:, :labels.shape[1]] = labels == 0
+        logits = logits.masked_fill(absent, torch.finfo(logits.dtype).min)   # finite: no NaN if nothing is left
+    return logits.softmax(-1)
 
 def minmax(x: torch.Tensor, dims=(-2, -1), eps: float = 1e-7) -> torch.Tensor:
     "Min-max normalise each map over `dims` to [0, 1] (a constant map becomes 0)."
@@ -76,7 +84,8 @@ def minmax(x: torch.Tensor, dims=(-2, -1), eps: float = 1e-7) -> torch.Tensor:
 
 def grad_cam(out: dict, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Grad-CAM `[B,K,h,w]` in [0,1] of the scores of the labelled classes (`labels` [B,K] multi-hot over the
-    K foreground classes) w.r.t. the last block's `ln_1` patch tokens; unlabelled classes get zeros."""
+    K foreground classes) w.r.t. the last block's `ln_1` patch tokens; unlabelled classes get zeros. Pass
+    `scores = class_scores(..., labels=labels)` for CLIP-ES's softmax over the labelled classes."""
     B, K = labels.shape
     y = out["ln1"]
     # one vectorised backward for all K classes: grad_outputs[k] selects score k of the images labelled with k
@@ -85,7 +94,7 @@ def grad_cam(out: dict, scores: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     g = torch.autograd.grad(scores, y, grad_outputs=sel, is_grads_batched=True, retain_graph=True)[0][:, :, 1:]
     alpha = g.mean(2, keepdim=True)                                                 # [K,B,1,D]
     cam = F.relu((alpha * y.detach()[None, :, 1:]).sum(-1)).reshape(K, B, *out["hw"]).transpose(0, 1)
-    return minmax(cam) * (labels[:, :, None, None] > 0)
+    return minmax(cam.float()) * (labels[:, :, None, None] > 0)
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #c9f1a7b9
 def sinkhorn_transition(attn: torch.Tensor, rounds: int = 3) -> torch.Tensor:
@@ -99,7 +108,7 @@ def sinkhorn_transition(attn: torch.Tensor, rounds: int = 3) -> torch.Tensor:
 
 def box_mask(cam: torch.Tensor, thresh: float = 0.4) -> torch.Tensor:
     "0/1 mask `[...,h,w]`: the union of the bounding boxes of the connected regions where `cam >= thresh * max`."
-    flat = cam.detach().reshape(-1, *cam.shape[-2:]).cpu().numpy()
+    flat = cam.detach().float().reshape(-1, *cam.shape[-2:]).cpu().numpy()   # numpy has no bfloat16 (CPU amp)
     out = np.zeros_like(flat)
     for i, c in enumerate(flat):
         if c.max() <= 0:
@@ -107,7 +116,7 @@ def box_mask(cam: torch.Tensor, thresh: float = 0.4) -> torch.Tensor:
         regions, _ = ndimage.label(c >= thresh * c.max())
         for sl in ndimage.find_objects(regions):
             out[i][sl] = 1
-    return torch.from_numpy(out).reshape(cam.shape).to(cam.device)
+    return torch.from_numpy(out).reshape(cam.shape).to(cam.device, cam.dtype)
 
 def refine_cam(cam: torch.Tensor, trans: torch.Tensor, thresh: float = 0.4) -> torch.Tensor:
     "Affinity-refined CAMs `[B,K,h,w]`: `M_k = (T * 1_box) vec(cam_k)`, min-max normalised (all-zero maps stay 0)."
@@ -172,7 +181,7 @@ def clip_es_pseudo_labels(model, images: torch.Tensor, labels: torch.Tensor, tex
     """The whole training-free CLIP-ES pipeline: `cam` (Grad-CAM), `refined` (attention random walk over the blocks
     `layers`), `label` (pseudo label `[B,H,W]`) and `out` (the forward pass, reusable by a decoder)."""
     out = clip_vit_forward(model, images)
-    cam = grad_cam(out, class_scores(out["feat"], text_emb), labels)
+    cam = grad_cam(out, class_scores(out["feat"], text_emb, labels=labels), labels)
     refined = refine_cam(cam, sinkhorn_transition(mean_attention(out["attn"], layers)), thresh)
     label, _ = assemble_pseudo_label(refined, labels, images, par_kw=par_kw)
     return dict(cam=cam, refined=refined, label=label, out=out)

@@ -5,6 +5,7 @@
 # %% ../../nbs/20_weak/21_weclip.ipynb #77433c41
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -22,10 +23,10 @@ from ..metrics import ConfusionMatrix
 from ..toyworld import COLOUR_CLASSES, collate, make_scenes
 
 # %% auto #0
-__all__ = ['CONFIG', 'TOY_CLASSES', 'CACHED', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder',
-           'rfm_select', 'pseudo_labels', 'seg_loss', 'affinity_label', 'aff_loss', 'WeCLIP', 'build_model', 'use_rfm',
-           'train_step', 'make_optimizer', 'checksum', 'cache_clip_pass', 'toy_batches', 'train', 'WeakCrops',
-           'voc_dataset', 'voc_batches', 'eval_batches', 'evaluate', 'tour']
+__all__ = ['CONFIG', 'TOY_CLASSES', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder', 'rfm_select',
+           'pseudo_labels', 'seg_loss', 'affinity_label', 'aff_loss', 'WeCLIP', 'build_model', 'use_rfm', 'train_step',
+           'make_optimizer', 'checksum', 'cache_clip_pass', 'toy_batches', 'train', 'WeakCrops', 'voc_dataset',
+           'voc_batches', 'eval_batches', 'evaluate', 'tour', 'PixelMLP', 'rgb_pixel_baseline', 'pixel_miou']
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #a8a12ea2
 CONFIG = dict(
@@ -61,10 +62,8 @@ def frozen_clip(cfg) -> tuple[nn.Module, object, torch.Tensor, tuple[str, ...]]:
 def clip_pass(clip: nn.Module, text: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict:
     "One frozen CLIP pass: block `tokens`, `attn`, `hw` and the Grad-CAMs `cam` [B,K,h,w] of the labelled classes."
     out = clip_vit_forward(clip, images)
-    cam = grad_cam(out, class_scores(out["feat"], text), labels)
+    cam = grad_cam(out, class_scores(out["feat"], text, labels=labels), labels)   # softmax: labelled + bg only
     return dict(tokens=out["tokens"], attn=out["attn"], hw=out["hw"], cam=cam)
-
-CACHED = ("tokens", "attn", "cam")
 
 def cached_pass(batch: dict) -> dict | None:
     "The `clip_pass` stored in a batch by `cache_clip_pass` (per-image tensors, batch first), or None."
@@ -93,7 +92,8 @@ class WeCLIPDecoder(nn.Module):
         z = torch.cat([mlp(t[:, 1:].float()) for mlp, t in zip(self.mlps, tokens)], -1)   # [B,hw,(L-1)w]
         z = self.drop(self.fuse(z.transpose(1, 2).reshape(B, -1, *hw)))                    # Z [B,w,h,w]
         zf = z.flatten(2)
-        a_d = torch.sigmoid(zf.transpose(1, 2) @ zf)
+        with torch.autocast(zf.device.type, enabled=False):                                  # Z^T Z in fp32 under AMP
+            a_d = torch.sigmoid(zf.float().transpose(1, 2) @ zf.float())
         x = zf.transpose(1, 2)
         for blk in self.blocks:
             x = blk(x)
@@ -154,6 +154,13 @@ class WeCLIP(nn.Module):
         self.decoder = WeCLIPDecoder(D, L - 1, len(class_names), cfg.width, cfg.depth, cfg.heads)
         self.steps_done = 0
 
+    def get_extra_state(self) -> dict:
+        "The training-step counter travels with the weights, so a resumed run switches RFM on at the same step."
+        return dict(steps_done=self.steps_done)
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.clip.eval()                                       # frozen: never in training mode
@@ -182,15 +189,15 @@ def use_rfm(model: WeCLIP) -> bool:
     "RFM is on after the static phase (`rfm_start` of the steps; training steps only) when `cfg.rfm_start` < 1."
     return model.steps_done >= model.cfg.rfm_start * model.cfg.steps
 
-def train_step(model: WeCLIP, batch: dict) -> dict:
+def train_step(model: WeCLIP, batch: dict, seg_loss_fn=seg_loss) -> dict:
     """One WeCLIP step on `batch` (`image`, `labels`, optionally the cached CLIP pass and static labels `y_static`):
-    pseudo labels (static or RFM), L = L_seg + lambda L_aff."""
+    pseudo labels (static or RFM), L = L_seg + lambda L_aff (`seg_loss_fn(S, Y*)` is L_seg)."""
     m = model.module if hasattr(model, "module") else model
     rfm = use_rfm(m)
     s, a_d, cp = model(batch["image"], batch["labels"], cached_pass(batch))
     y = batch["y_static"] if "y_static" in batch and not rfm else \
         pseudo_labels(cp, batch["labels"], batch["image"], m.cfg, a_d=a_d if rfm else None)
-    l_seg, l_aff = seg_loss(s, y), aff_loss(a_d, affinity_label(y, cp["hw"], m.cfg.aff_radius))
+    l_seg, l_aff = seg_loss_fn(s, y), aff_loss(a_d, affinity_label(y, cp["hw"], m.cfg.aff_radius))
     m.steps_done += 1
     return dict(loss=l_seg + m.cfg.lambda_aff * l_aff, l_seg=l_seg.detach(), l_aff=l_aff.detach(), rfm=float(rfm))
 
@@ -227,8 +234,11 @@ def toy_batches(data: dict, batch: int, seed: int):
         return dict(b, image=torch.where(f, b["image"].flip(-1), b["image"]))
     return tensor_batches(data, batch, seed, augment=None if "cam" in data else flip)
 
-def train(cfg, callbacks=(), data: dict | None = None) -> tuple[WeCLIP, object]:
-    "Train WeCLIP in profile `cfg`; returns the model and the `History`."
+def train(cfg, callbacks=(), data=None, ckpt=None, ckpt_every: int = 100,
+          seg_loss_fn=seg_loss) -> tuple[WeCLIP, object]:
+    """Train WeCLIP in profile `cfg` (on `data`: a batch factory; default the profile's data); returns the model and
+    the `History`. `ckpt`: a checkpoint path, saved every `ckpt_every` steps and at the end, resumed from when it
+    exists. `seg_loss_fn(S, Y*)`: the segmentation loss (default WeCLIP's bg/fg-balanced `seg_loss`)."""
     seed_everything(cfg.seed)
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     model = build_model(cfg)
@@ -237,13 +247,15 @@ def train(cfg, callbacks=(), data: dict | None = None) -> tuple[WeCLIP, object]:
                            cfg.seed) if cfg.backbone == "toy" else voc_batches(cfg)
     opt = make_optimizer(model, cfg)
     sched = lr_schedule(opt, cfg.steps, kind="poly", warmup_steps=min(cfg.warmup, cfg.steps // 10), power=1.0)
-    hist = fit(model, train_step, data, opt, steps=cfg.steps, scheduler=sched, amp=cfg.amp, callbacks=callbacks,
-               seed=cfg.seed, device=device, log_every=10, desc="weclip")
+    hist = fit(model, functools.partial(train_step, seg_loss_fn=seg_loss_fn), data, opt, steps=cfg.steps,
+               scheduler=sched, amp=cfg.amp, callbacks=callbacks, seed=cfg.seed, device=device, log_every=10,
+               ckpt=ckpt, ckpt_every=ckpt_every, desc="weclip")
     return model.eval(), hist
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #ec67e47b
 class WeakCrops(torch.utils.data.Dataset):
-    "Image-level-label view of a semantic dataset: random rescale, flip and `crop` (zero padding); `labels` without background."
+    """Image-level-label view of a semantic dataset, augmented as WeCLIP's `datasets/transforms.py`: rescale the image
+    by `U(scale)` of its own size, horizontal flip, random `crop` with zero padding; `labels` without background."""
     def __init__(self, dataset, crop: int, scale=(0.5, 2.0)):
         self.dataset, self.crop, self.scale = dataset, int(crop), scale
 
@@ -253,8 +265,9 @@ class WeakCrops(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         d = self.dataset[i]                              # randomness from torch's global RNG (seeded by the engine)
         img = d["image"]
-        f = float(torch.empty(1).uniform_(*self.scale)) * self.crop / max(img.shape[-2:])
-        img = F.interpolate(img[None], scale_factor=f, mode="bilinear", align_corners=False)[0]
+        f = float(torch.empty(1).uniform_(*self.scale))                  # a 500-px image becomes 250-1000 px
+        size = [max(1, int(f * n)) for n in img.shape[-2:]]
+        img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
         if torch.rand(1) < 0.5:
             img = img.flip(-1)
         H, W = img.shape[-2:]
@@ -310,11 +323,46 @@ def evaluate(model: WeCLIP, cfg, data=None) -> dict:
             cms[k].update(_at(v, mask), mask)
     return {k: cm.compute()["miou"] for k, cm in cms.items()}
 
-def tour(profile: str | None = "toy") -> dict:
-    "Train WeCLIP in `profile` and report the decoder's mIoU beside chance (all background) and the pseudo labels."
+def tour(profile: str | None = "toy", ckpt=None) -> dict:
+    """Train WeCLIP in `profile` (resuming from `ckpt` when that file exists) and report the decoder's mIoU beside
+    chance (all background) and the pseudo labels."""
     cfg = pick(CONFIG, profile)
     t0 = time.time()
-    model, _ = train(cfg)
+    model, _ = train(cfg, ckpt=ckpt)
     r = evaluate(model, cfg)
     return dict(metric="mIoU", value=r["miou"], chance=r["all_background"], pseudo_static=r["pseudo_static"],
                 pseudo_rfm=r["pseudo_rfm"], steps=cfg.steps, profile=cfg.profile, seconds=round(time.time() - t0, 1))
+
+# %% ../../nbs/20_weak/21_weclip.ipynb #b234148e
+class PixelMLP(nn.Module):
+    "A per-pixel MLP on raw RGB (3 -> `hidden` -> `num_classes`; no CLIP, no context): images [B,3,H,W] -> logits."
+    def __init__(self, num_classes: int, hidden: int = 64):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.mlp(images.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+def rgb_pixel_baseline(images: torch.Tensor, targets: torch.Tensor, num_classes: int, steps: int = 300,
+                       pixels: int = 4096, lr: float = 1e-2, hidden: int = 64, seed: int = 0) -> PixelMLP:
+    """A `PixelMLP` fitted with Adam and `seg_loss` to `targets` [N,H,W] (e.g. the static pseudo labels of `images`),
+    on `pixels` random pixels per step: what colour alone learns from the same labels."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = PixelMLP(num_classes, hidden)
+    g = torch.Generator().manual_seed(seed)
+    rgb, y = images.permute(0, 2, 3, 1).reshape(-1, 3), targets.reshape(-1)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(y), (pixels,), generator=g)
+        loss = seg_loss(net.mlp(rgb[idx]).T[None, :, None], y[idx][None, None])   # a 1 x pixels "image"
+        opt.zero_grad(); loss.backward(); opt.step()
+    return net.eval()
+
+@torch.no_grad()
+def pixel_miou(net: nn.Module, data: dict, num_classes: int, batch: int = 64) -> float:
+    "mIoU of a pixel classifier `net` (images -> logits at full size) on `data` (`image`, `mask`)."
+    cm = ConfusionMatrix(num_classes)
+    for k in range(0, len(data["image"]), batch):
+        cm.update(net(data["image"][k:k + batch]).argmax(1), data["mask"][k:k + batch])
+    return cm.compute()["miou"]
