@@ -17,13 +17,7 @@ FIX = ROOT / "tests" / "fixtures"
 NOTEBOOKS = sorted((ROOT / "nbs" / "00_foundations").glob("[0-9]*.ipynb")) + sorted((ROOT / "nbs").glob("[1-9]*/[1-9]*.ipynb"))
 
 
-def _case(p):
-    rel = p.relative_to(ROOT).as_posix()
-    marks = [pytest.mark.xfail(reason="applied by the lead at merge")] if is_chapter(rel) else []
-    return pytest.param(p, id=rel, marks=marks)
-
-
-@pytest.mark.parametrize("path", [_case(p) for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.relative_to(ROOT).as_posix()) for p in NOTEBOOKS])
 def test_course_notebook_keeps_the_colab_contract(path):
     assert colab_lint(path, root=ROOT) == []
 
