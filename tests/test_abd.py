@@ -276,3 +276,8 @@ def test_bench_case_steps_both_nets_with_displacements(monkeypatch):
     assert len(built["m"].nets) == 2 and calls == dict(r=1, i=1)
     for net, old in zip(built["m"].nets, before):
         assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), old))
+
+
+def test_toy_profile_trains_in_fp32():
+    "bf16 autocast made the toy step ~7x slower on the CI CPU (AVX2, no bf16 units): the toy config must not enable it."
+    assert pick(abd.CONFIG, "toy").get("amp") in (None, False)
