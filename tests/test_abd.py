@@ -247,3 +247,37 @@ def test_tour_forwards_ckpt(tmp_path, monkeypatch):
     out = abd.tour("toy", ckpt=tmp_path / "abd-toy.pt")
     assert (tmp_path / "abd-toy.pt").is_file() and (tmp_path / "abd-toy-labelled-only.pt").is_file()
     assert {"metric", "value", "chance", "labelled_only"} <= set(out)
+
+
+# ---------------------------------------------------------------- benchmark case (issue #17)
+
+@pytest.mark.parametrize("profile,size", [("toy", None), ("full", 64)])
+def test_bench_case_runs_one_full_abd_step(profile, size):
+    "`bench_case` trains both UNets in one step at the profile's batch sizes (full profile at 64 px to stay fast)."
+    cfg = pick(abd.CONFIG, profile).replace(device="cpu")
+    cfg = cfg.replace(size=size) if size else cfg
+    case = abd.bench_case(cfg)
+    assert case["batch"] == cfg.batch_l + cfg.batch_u and not hasattr(abd, "BENCH_HAS_CACHE")
+    case["run"]()
+
+
+def test_bench_case_steps_both_nets_with_displacements(monkeypatch):
+    "The timed step updates both UNets and runs ABD-R and ABD-I (each displacement is called once per step)."
+    calls = dict(r=0, i=0)
+    real_r, real_i = abd.abd_r, abd.abd_i
+    monkeypatch.setattr(abd, "abd_r", lambda *a, **k: calls.__setitem__("r", calls["r"] + 1) or real_r(*a, **k))
+    monkeypatch.setattr(abd, "abd_i", lambda *a, **k: calls.__setitem__("i", calls["i"] + 1) or real_i(*a, **k))
+    built = {}
+    real_build = abd.build_model
+    monkeypatch.setattr(abd, "build_model", lambda cfg: built.setdefault("m", real_build(cfg)))
+    case = abd.bench_case(tiny(device="cpu"))
+    before = [[p.detach().clone() for p in net.parameters()] for net in built["m"].nets]
+    case["run"]()
+    assert len(built["m"].nets) == 2 and calls == dict(r=1, i=1)
+    for net, old in zip(built["m"].nets, before):
+        assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), old))
+
+
+def test_toy_profile_trains_in_fp32():
+    "bf16 autocast made the toy step ~7x slower on the CI CPU (AVX2, no bf16 units): the toy config must not enable it."
+    assert pick(abd.CONFIG, "toy").get("amp") in (None, False)

@@ -24,7 +24,8 @@ __all__ = ['STRUCTURES', 'CONFIG', 'ConvBlock', 'UpBlock', 'UNet', 'weak_view', 
            'sup_loss', 'cps_loss', 'consistency_weight', 'to_patches', 'from_patches', 'displace', 'confidence',
            'patch_confidence', 'patch_logits', 'reliable_patch', 'abd_r', 'abd_i', 'ABDNets', 'build_model',
            'abd_losses', 'train_step', 'displacement_check', 'stack_slices', 'acdc_sample_root', 'make_data',
-           'TwoStreamBatches', 'BestOnVal', 'train', 'predict_volume', 'summarize', 'evaluate', 'chance_dice', 'tour']
+           'TwoStreamBatches', 'BestOnVal', 'train', 'predict_volume', 'summarize', 'evaluate', 'chance_dice', 'tour',
+           'bench_case']
 
 # %% ../../nbs/30_semi/31_abd.ipynb #67243d91
 class ConvBlock(nn.Sequential):
@@ -457,3 +458,26 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     sup = evaluate(train(cfg.replace(method="supervised"), data, ckpt=sup_ckpt)["model"], cfg, data["volumes"])
     return dict(metric="Dice (3D, mean of RV/Myo/LV)", value=abd["dice"], chance=chance_dice(data, cfg),
                 labelled_only=sup["dice"], hd95=abd["hd95"], profile=cfg.profile)
+
+# %% ../../nbs/30_semi/31_abd.ipynb #47319b5f
+def bench_case(cfg, cached=None) -> dict:
+    """One full ABD optimizer step at `cfg`'s sizes for `seglab.bench`: two UNets of `cfg.channels`, `batch_l`
+    labelled + `batch_u` unlabelled synthetic slices of `size` px, iteration 0 (ABD-R and ABD-I both on, ABD-I on
+    every pair). `cached` is ignored (no frozen backbone). Returns `dict(run=..., batch=...)`."""
+    cfg = cfg.replace(method="abd", abd_r=True, abd_i=True, p_abd_i=1.0)
+    device = get_device(cfg.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    S = cfg.size
+    batch = dict(xl=torch.rand(cfg.batch_l, 1, S, S, generator=g).to(device),
+                 yl=torch.randint(cfg.n_classes, (cfg.batch_l, S, S), generator=g).to(device),
+                 xu=torch.rand(cfg.batch_u, 1, S, S, generator=g).to(device), t=0)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+
+    def run():
+        loss = train_step(model, batch, cfg)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return dict(run=run, batch=cfg.batch_l + cfg.batch_u)
