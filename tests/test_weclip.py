@@ -185,3 +185,23 @@ def test_l_aff_alone_pulls_a_d_towards_the_pseudo_label_pairs():
     cp = dict(tokens=batch["tokens"].transpose(0, 1), attn=batch["attn"].transpose(0, 1), cam=batch["cam"], hw=(8, 8))
     l0, l1 = (float(aff_loss(m(batch["image"], batch["labels"], cp)[1].detach(), r)) for m in (before, after))
     assert l1 < l0 - 0.02, (l0, l1)
+
+
+def test_bench_case_cached_skips_the_clip(monkeypatch):
+    import pytest
+    import seglab.methods.weclip as wc
+    from seglab.config import pick
+    monkeypatch.setenv("SEGLAB_DEVICE", "cpu")
+    cfg = pick(wc.CONFIG, "toy").replace(batch=2)
+    assert wc.BENCH_HAS_CACHE
+    cases = {c: wc.bench_case(cfg, cached=c) for c in (True, False)}
+    for case in cases.values():
+        assert case["batch"] == 2
+        case["run"]()                                  # both modes take a full step
+    def no_clip(*a, **k):
+        raise AssertionError("the frozen CLIP ran inside a cached step")
+    monkeypatch.setattr(wc, "clip_vit_forward", no_clip)
+    monkeypatch.setattr(wc, "clip_pass", no_clip)
+    cases[True]["run"]()                               # cached: no CLIP forward
+    with pytest.raises(AssertionError, match="frozen CLIP ran"):
+        cases[False]["run"]()                          # backbone mode does run it (the check can fail)

@@ -18,15 +18,16 @@ from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo
                         class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
                         prompt_classifier, refine_cam, sinkhorn_transition)
 from ..config import get_device, pick, seed_everything
-from ..engine import fit, loader_factory, lr_schedule, tensor_batches
+from ..engine import amp_setup, fit, loader_factory, lr_schedule, tensor_batches
 from ..metrics import ConfusionMatrix
 from ..toyworld import COLOUR_CLASSES, collate, make_scenes
 
 # %% auto #0
-__all__ = ['CONFIG', 'TOY_CLASSES', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder', 'rfm_select',
-           'pseudo_labels', 'seg_loss', 'affinity_label', 'aff_loss', 'WeCLIP', 'build_model', 'use_rfm', 'train_step',
-           'make_optimizer', 'checksum', 'cache_clip_pass', 'toy_batches', 'train', 'WeakCrops', 'voc_dataset',
-           'voc_batches', 'eval_batches', 'evaluate', 'tour', 'PixelMLP', 'rgb_pixel_baseline', 'pixel_miou']
+__all__ = ['CONFIG', 'TOY_CLASSES', 'BENCH_HAS_CACHE', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder',
+           'rfm_select', 'pseudo_labels', 'seg_loss', 'affinity_label', 'aff_loss', 'WeCLIP', 'build_model', 'use_rfm',
+           'train_step', 'make_optimizer', 'checksum', 'cache_clip_pass', 'toy_batches', 'train', 'bench_case',
+           'WeakCrops', 'voc_dataset', 'voc_batches', 'eval_batches', 'evaluate', 'tour', 'PixelMLP',
+           'rgb_pixel_baseline', 'pixel_miou']
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #a8a12ea2
 CONFIG = dict(
@@ -251,6 +252,40 @@ def train(cfg, callbacks=(), data=None, ckpt=None, ckpt_every: int = 100,
                scheduler=sched, amp=cfg.amp, callbacks=callbacks, seed=cfg.seed, device=device, log_every=10,
                ckpt=ckpt, ckpt_every=ckpt_every, desc="weclip")
     return model.eval(), hist
+
+# %% ../../nbs/20_weak/21_weclip.ipynb #44c2e2e5
+BENCH_HAS_CACHE = True  # a frozen CLIP: `seglab bench` times the step with and without the cached CLIP pass
+
+def bench_case(cfg, cached: bool = True) -> dict:
+    """One full WeCLIP optimizer step (`train_step` + backward + AdamW step) at `cfg`'s sizes for `seglab.bench`:
+    randomly initialised CLIP (`pretrained=None`), a fixed batch of `cfg.batch` synthetic [0,1] images with 1-2
+    image labels each, in the RFM phase (its pseudo labels are built every step). `cached`: the batch carries the
+    frozen CLIP pass precomputed by `cache_clip_pass`; otherwise the CLIP forward and Grad-CAM run in the step."""
+    cfg = cfg.replace(pretrained=None)
+    device = get_device(cfg.get("device"))
+    seed_everything(cfg.seed)
+    model = build_model(cfg).to(device).train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    K = len(model.class_names) - 1
+    labels = torch.zeros(cfg.batch, K)
+    labels[torch.arange(cfg.batch), torch.randint(K, (cfg.batch,), generator=g)] = 1
+    labels[torch.arange(cfg.batch), torch.randint(K, (cfg.batch,), generator=g)] = 1
+    data = dict(image=torch.rand(cfg.batch, 3, cfg.size, cfg.size, generator=g).to(device), labels=labels.to(device))
+    batch = cache_clip_pass(model, data, batch=cfg.batch) if cached else data
+    opt = make_optimizer(model, cfg)
+    dtype, scaler = amp_setup(cfg.amp, device)
+    rfm_step = int(cfg.rfm_start * cfg.steps)
+
+    def run():
+        model.steps_done = rfm_step                                  # every timed step is an RFM step
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = train_step(model, batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward(); opt.step()
+        else:
+            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+    return dict(run=run, batch=cfg.batch)
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #ec67e47b
 class WeakCrops(torch.utils.data.Dataset):
