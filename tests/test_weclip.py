@@ -205,3 +205,22 @@ def test_bench_case_cached_skips_the_clip(monkeypatch):
     cases[True]["run"]()                               # cached: no CLIP forward
     with pytest.raises(AssertionError, match="frozen CLIP ran"):
         cases[False]["run"]()                          # backbone mode does run it (the check can fail)
+
+
+def test_cache_clip_pass_through_feature_cache(monkeypatch, tmp_path):
+    import seglab.methods.weclip as wc
+    from seglab.config import pick
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    cfg = pick(wc.CONFIG, "toy")
+    model = wc.build_model(cfg)
+    data = {k: v[:4] for k, v in wc.toy_data(4, 1, cfg.size).items()}
+    first = wc.cache_clip_pass(model, data, batch=2)
+    assert list((tmp_path / "features").glob("weclip-clip-pass-*.pt"))
+    with torch.enable_grad():                                     # the pass computed directly
+        cp = wc.clip_pass(model.clip, model.text, data["image"][:2], data["labels"][:2])
+    assert torch.equal(first["cam"][:2], cp["cam"]) and torch.equal(first["tokens"][:2], cp["tokens"].transpose(0, 1))
+    def no_clip(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(wc, "clip_pass", no_clip)
+    second = wc.cache_clip_pass(model, data, batch=2)               # loaded, not recomputed
+    assert all(torch.equal(first[k], second[k]) for k in first)

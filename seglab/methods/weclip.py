@@ -17,6 +17,7 @@ from ..backbones import clip_model, toy_clip
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label,
                         class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
                         prompt_classifier, refine_cam, sinkhorn_transition)
+from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import amp_setup, fit, loader_factory, lr_schedule, tensor_batches
 from ..metrics import ConfusionMatrix
@@ -217,15 +218,21 @@ def checksum(module: nn.Module) -> float:
 def cache_clip_pass(model: WeCLIP, data: dict, batch: int = 64) -> dict:
     """`data` (`image`, `labels`) plus the frozen CLIP pass of every image, computed once (`tokens`, `attn`, `cam`,
     batch first) and the static pseudo labels `y_static`: the CLIP never changes, so recomputing them every epoch
-    would only cost time."""
-    parts = []
-    for k in range(0, len(data["image"]), batch):
-        img, lab = data["image"][k:k + batch], data["labels"][k:k + batch]
-        with torch.enable_grad():                                   # Grad-CAM needs the last block's gradient
-            cp = clip_pass(model.clip, model.text, img, lab)
-        parts.append(dict(tokens=cp["tokens"].transpose(0, 1), attn=cp["attn"].transpose(0, 1), cam=cp["cam"],
-                          y_static=pseudo_labels(cp, lab, img, model.cfg)))
-    return dict(data, **{key: torch.cat([p[key] for p in parts]) for key in parts[0]})
+    would only cost time. Stored in the course's feature cache (`seglab.cache.feature_cache`), keyed by the frozen
+    CLIP's weights, the images, labels, text embeddings and the pseudo-label options: a second call loads it."""
+    def compute() -> dict:
+        parts = []
+        for k in range(0, len(data["image"]), batch):
+            img, lab = data["image"][k:k + batch], data["labels"][k:k + batch]
+            with torch.enable_grad():                               # Grad-CAM needs the last block's gradient
+                cp = clip_pass(model.clip, model.text, img, lab)
+            parts.append(dict(tokens=cp["tokens"].transpose(0, 1), attn=cp["attn"].transpose(0, 1), cam=cp["cam"],
+                              y_static=pseudo_labels(cp, lab, img, model.cfg)))
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    c = model.cfg
+    key = (model.clip, tuple(data["image"].shape[-2:]), data["image"], data["labels"], model.text, batch,
+           tuple(c.cam_layers), c.box_thresh, c.bg_power, dict(c.par))
+    return dict(data, **feature_cache("weclip-clip-pass", compute, key=key, device=data["image"].device))
 
 def toy_batches(data: dict, batch: int, seed: int):
     """A factory `epoch -> list of batches` over ToyWorld tensors (all keys of `data`), shuffled per epoch. Random
