@@ -23,8 +23,9 @@ from .toyworld import collate
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask',
-           'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches', 'train_augment',
-           'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports', 'swap_check', 'matching_probe']
+           'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches',
+           'cached_feature_batches', 'train_augment', 'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports',
+           'swap_check', 'matching_probe']
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #3c523842
 def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -152,6 +153,17 @@ def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = 
                              b["support_masks"].to(device))
         yield dict({k: v.half() if half else v for k, v in f.items()}, support_masks=b["support_masks"],
                    query_mask=b["query_mask"], class_id=torch.as_tensor(b["class_id"]))
+
+def cached_feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False) -> list[dict]:
+    """`list(feature_batches(encoder, episodes, batch, half))` through `seglab.cache.feature_cache`, keyed by the
+    encoder (weights included), its input size, the episodes' images, masks and classes, `batch` and `half`: a test set
+    encoded once is served from the cache the next time, with the same tensors."""
+    eps = [episodes[i] for i in range(len(episodes))]
+    key = (type(encoder).__name__, encoder, getattr(encoder, "input_size", None),
+           [(e["query_image"], e["support_images"], e["support_masks"], e["query_mask"], int(e["class_id"])) for e in eps],
+           batch, half, "feature_batches")
+    return feature_cache("fewshot-feature-batches", lambda: dict(batches=list(feature_batches(encoder, eps, batch, half))),
+                         key=key, device="cpu")["batches"]
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #908354b4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

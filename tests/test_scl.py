@@ -209,8 +209,10 @@ class _CountingEncoder(torch.nn.Module):
     def forward(self, images, mask=None):
         self.calls += 1
         mid = self.conv(images)
-        m = torch.nn.functional.interpolate(mask[:, None].float(), size=mid.shape[-2:])
-        return dict(mid=mid, high=mid.relu(), high_s=(mid * m).relu())
+        out = dict(mid=mid, high=mid.relu())
+        if mask is not None:
+            out["high_s"] = (mid * torch.nn.functional.interpolate(mask[:, None].float(), size=mid.shape[-2:])).relu()
+        return out
 
 
 def test_image_bank_uses_the_feature_cache(tmp_path, monkeypatch):
@@ -254,3 +256,20 @@ def test_bench_case_runs_and_cached_mode_skips_the_encoder(cached, monkeypatch):
     assert case["batch"] == 2
     assert len(calls) == (0 if cached else 2 * 2)             # query + support per step when encoding in the step
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+
+
+def test_cached_feature_batches_equal_and_skip_the_encoder(tmp_path, monkeypatch):
+    "The test set's features through the feature cache: the same tensors as `feature_batches`; a rerun runs no encoder."
+    from seglab.fewshot import cached_feature_batches
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    enc = _CountingEncoder().eval()
+    eps = [FewShotEpisodes(5, fold=0, shots=2, train=False, size=32, seed=1)[i] for i in range(5)]
+    ref = list(feature_batches(enc, eps, batch=2, half=True))
+    n = enc.calls
+    for _ in range(2):
+        got = cached_feature_batches(enc, eps, batch=2, half=True)
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert enc.calls == 2 * n                                  # computed once, then read back

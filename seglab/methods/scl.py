@@ -16,7 +16,8 @@ from ..backbones import masked_average_pooling, masked_support_prior
 from ..config import get_device, pick, seed_everything
 from ..engine import History, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
-                            episode_features, fb_iou, feature_batches, feature_mask, image_bank)
+                            cached_feature_batches, episode_features, fb_iou, feature_batches, feature_mask,
+                            image_bank)
 from ..metrics import FewShotIoU
 from ..toyworld import FOLDS, FewShotEpisodes
 
@@ -319,7 +320,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     data, test = make_episodes(cfg, True, cfg.n_train, cfg.train_shots), make_episodes(cfg, False, cfg.n_test, cfg.shots)
     if cfg.benchmark == "toyworld":  # the frozen encoder runs once per image
         encoder = build_encoder(cfg)
-        data, test = image_bank(encoder, data), list(feature_batches(encoder, test, half=True))
+        data, test = image_bank(encoder, data), cached_feature_batches(encoder, test, half=True)
     base_ckpt = None
     if ckpt is not None:
         ckpt = Path(ckpt)
