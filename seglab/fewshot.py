@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .backbones import (_binary_mask, clip_features, cnn_features, cnn_stages, masked_average_pooling, resnet,
                               toy_clip, toy_cnn)
+from .cache import feature_cache
 from .data.datasets import FewShotSegEpisodes, binary_target, resize_image, resize_mask
 from .engine import derive_seed, loader_factory
 from .metrics import FewShotIoU
@@ -22,8 +23,9 @@ from .toyworld import collate
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask',
-           'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches', 'train_augment',
-           'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports', 'swap_check', 'matching_probe']
+           'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches',
+           'cached_feature_batches', 'train_augment', 'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports',
+           'swap_check', 'matching_probe']
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #3c523842
 def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -104,14 +106,19 @@ def episode_features(encoder: FrozenEncoder, query_image: torch.Tensor, support_
                 high_s=fs["high_s"].unflatten(0, (B, K)))
 
 @torch.no_grad()
-def image_bank(encoder: nn.Module, episodes, batch: int = 64) -> dict:
+def image_bank(encoder: nn.Module, episodes, batch: int = 64, cache: bool = True) -> dict:
     """Every image of K-shot `episodes` (each query, then its supports) run once through the frozen encoder and kept
-    in fp16: `mid`, `high`, `high_s` (layer4 on layer3 x mask), with `mask`, `class_id` and `episode` (its index)."""
+    in fp16: `mid`, `high`, `high_s` (layer4 on layer3 x mask), with `mask`, `class_id` and `episode` (its index).
+    With `cache` the features go through `seglab.cache.feature_cache`, keyed by the encoder (weights included), its
+    input size, the images and masks: a second call with the same inputs does not run the encoder."""
     eps = list(episodes)
     images = torch.stack([x for e in eps for x in (e["query_image"], *e["support_images"])])
     masks = torch.stack([x for e in eps for x in (e["query_mask"], *e["support_masks"])])
-    parts = [encoder(images[i:i + batch], masks[i:i + batch]) for i in range(0, len(images), batch)]
-    bank = {k: torch.cat([p[k] for p in parts]).half() for k in ("mid", "high", "high_s")}
+    def compute():
+        parts = [encoder(images[i:i + batch], masks[i:i + batch]) for i in range(0, len(images), batch)]
+        return {k: torch.cat([p[k] for p in parts]).half() for k in ("mid", "high", "high_s")}
+    key = (type(encoder).__name__, encoder, getattr(encoder, "input_size", None), images, masks, "mid/high/high_s fp16")
+    bank = feature_cache("fewshot-image-bank", compute, key=key, device=images.device) if cache else compute()
     per = len(images) // len(eps)
     return dict(bank, mask=masks, class_id=torch.tensor([e["class_id"] for e in eps]).repeat_interleave(per),
                 episode=torch.arange(len(eps)).repeat_interleave(per))
@@ -146,6 +153,17 @@ def feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = 
                              b["support_masks"].to(device))
         yield dict({k: v.half() if half else v for k, v in f.items()}, support_masks=b["support_masks"],
                    query_mask=b["query_mask"], class_id=torch.as_tensor(b["class_id"]))
+
+def cached_feature_batches(encoder: nn.Module, episodes, batch: int = 25, half: bool = False) -> list[dict]:
+    """`list(feature_batches(encoder, episodes, batch, half))` through `seglab.cache.feature_cache`, keyed by the
+    encoder (weights included), its input size, the episodes' images, masks and classes, `batch` and `half`: a test set
+    encoded once is served from the cache the next time, with the same tensors."""
+    eps = [episodes[i] for i in range(len(episodes))]
+    key = (type(encoder).__name__, encoder, getattr(encoder, "input_size", None),
+           [(e["query_image"], e["support_images"], e["support_masks"], e["query_mask"], int(e["class_id"])) for e in eps],
+           batch, half, "feature_batches")
+    return feature_cache("fewshot-feature-batches", lambda: dict(batches=list(feature_batches(encoder, eps, batch, half))),
+                         key=key, device="cpu")["batches"]
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #908354b4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

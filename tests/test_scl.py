@@ -197,3 +197,79 @@ def test_full_config_one_step_on_real_samples(pascal5i):
     assert test[0]["support_images"].shape == (5, 3, 321, 321)
     r = scl.evaluate_runs(dict(one=(model, 1, "cgm"), five=(model, 5, "cgm")), cfg, test)
     assert set(r["one"]["iou"]) <= {1, 2, 3, 4, 5} and 0 <= r["five"]["miou"] <= 1
+
+
+class _CountingEncoder(torch.nn.Module):
+    "A tiny frozen reader (`mid`, `high`, `high_s`) that counts its forward calls."
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.input_size, self.calls = None, 0
+
+    def forward(self, images, mask=None):
+        self.calls += 1
+        mid = self.conv(images)
+        out = dict(mid=mid, high=mid.relu())
+        if mask is not None:
+            out["high_s"] = (mid * torch.nn.functional.interpolate(mask[:, None].float(), size=mid.shape[-2:])).relu()
+        return out
+
+
+def test_image_bank_uses_the_feature_cache(tmp_path, monkeypatch):
+    "The bank's features come from `seglab.cache.feature_cache`: equal tensors, and a second call runs no encoder."
+    from seglab.fewshot import image_bank
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    enc = _CountingEncoder().eval()
+    eps = [FewShotEpisodes(4, fold=0, shots=2, train=True, size=32, seed=0)[i] for i in range(4)]
+    ref = image_bank(enc, eps, batch=5, cache=False)
+    n = enc.calls
+    first = image_bank(enc, eps, batch=5)
+    assert enc.calls == 2 * n and list((tmp_path / "features").glob("fewshot-image-bank-*.pt"))
+    second = image_bank(enc, eps, batch=5)
+    assert enc.calls == 2 * n                                  # served from the cache: no forward call
+    for bank in (first, second):
+        assert bank.keys() == ref.keys()
+        for k in ref:
+            assert ref[k].dtype == bank[k].dtype and torch.equal(ref[k], bank[k]), k
+    with torch.no_grad():
+        enc.conv.weight.add_(1.0)                              # other weights: a new entry, computed again
+    image_bank(enc, eps, batch=5)
+    assert enc.calls == 3 * n
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bench_case_runs_and_cached_mode_skips_the_encoder(cached, monkeypatch):
+    "`bench_case` takes a full optimizer step in both modes; with `cached` the frozen encoder runs 0 times per step."
+    assert scl.BENCH_HAS_CACHE
+    built = []
+    orig = scl.build_model
+    monkeypatch.setattr(scl, "build_model", lambda cfg: built.append(orig(cfg)) or built[-1])
+    cfg = pick(scl.CONFIG, "toy").replace(batch=2)
+    case = scl.bench_case(cfg, cached=cached)
+    model = built[0]
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    case["run"]()
+    case["run"]()
+    assert case["batch"] == 2
+    assert len(calls) == (0 if cached else 2 * 2)             # query + support per step when encoding in the step
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+
+
+def test_cached_feature_batches_equal_and_skip_the_encoder(tmp_path, monkeypatch):
+    "The test set's features through the feature cache: the same tensors as `feature_batches`; a rerun runs no encoder."
+    from seglab.fewshot import cached_feature_batches
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    enc = _CountingEncoder().eval()
+    eps = [FewShotEpisodes(5, fold=0, shots=2, train=False, size=32, seed=1)[i] for i in range(5)]
+    ref = list(feature_batches(enc, eps, batch=2, half=True))
+    n = enc.calls
+    for _ in range(2):
+        got = cached_feature_batches(enc, eps, batch=2, half=True)
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert enc.calls == 2 * n                                  # computed once, then read back

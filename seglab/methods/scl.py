@@ -16,14 +16,15 @@ from ..backbones import masked_average_pooling, masked_support_prior
 from ..config import get_device, pick, seed_everything
 from ..engine import History, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
-                            episode_features, fb_iou, feature_batches, feature_mask, image_bank)
+                            cached_feature_batches, episode_features, fb_iou, feature_batches, feature_mask,
+                            image_bank)
 from ..metrics import FewShotIoU
 from ..toyworld import FOLDS, FewShotEpisodes
 
 # %% auto #0
-__all__ = ['CONFIG', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet', 'build_model', 'seg_ce',
-           'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids', 'semantic_dataset', 'make_episodes',
-           'train', 'evaluate_runs', 'evaluate', 'chance', 'tour']
+__all__ = ['CONFIG', 'BENCH_HAS_CACHE', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet',
+           'build_model', 'seg_ce', 'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids',
+           'semantic_dataset', 'make_episodes', 'train', 'evaluate_runs', 'evaluate', 'chance', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6755e168
 def conv(cin: int, cout: int, k: int = 1) -> nn.Sequential:
@@ -319,7 +320,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     data, test = make_episodes(cfg, True, cfg.n_train, cfg.train_shots), make_episodes(cfg, False, cfg.n_test, cfg.shots)
     if cfg.benchmark == "toyworld":  # the frozen encoder runs once per image
         encoder = build_encoder(cfg)
-        data, test = image_bank(encoder, data), list(feature_batches(encoder, test, half=True))
+        data, test = image_bank(encoder, data), cached_feature_batches(encoder, test, half=True)
     base_ckpt = None
     if ckpt is not None:
         ckpt = Path(ckpt)
@@ -334,3 +335,34 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
                 fb_iou=r["scl"]["fb_iou"], baseline=r["baseline"]["miou"], kshot_cgm=r["cgm"]["miou"],
                 kshot_mean=r["mean"]["miou"], steps=cfg.steps, profile=cfg.profile,
                 seconds=round(time.time() - t0, 1))
+
+# %% ../../nbs/40_fewshot/41_scl.ipynb #84173310
+BENCH_HAS_CACHE = True  # `seglab bench scl` times the step with and without the frozen encoder
+
+def bench_case(cfg, cached: bool = True) -> dict:
+    """One full SCL optimizer step at `cfg`'s sizes for `seglab.bench`: random encoder weights (`pretrained=False`),
+    a fixed synthetic batch of `cfg.batch` 1-shot episodes ([0,1] images, binary masks). `cached`: the step reads
+    features the frozen encoder computed beforehand (as training from an `image_bank` does); otherwise the encoder
+    runs inside the step (as training from episodes does)."""
+    cfg = cfg.replace(pretrained=False)
+    device = get_device() if cfg.profile == "full" else torch.device("cpu")
+    g = torch.Generator().manual_seed(cfg.seed)
+    B, S = cfg.batch, cfg.size
+    batch = dict(query_image=torch.rand(B, 3, S, S, generator=g), support_images=torch.rand(B, 1, 3, S, S, generator=g),
+                 query_mask=(torch.rand(B, S, S, generator=g) < 0.3).long(),
+                 support_masks=(torch.rand(B, 1, S, S, generator=g) < 0.3).long())
+    batch = to_device(batch, device)
+    model = build_model(cfg).to(device).train()
+    feats = dict(episode_features(model.encoder, batch["query_image"], batch["support_images"], batch["support_masks"]),
+                 query_mask=batch["query_mask"], support_masks=batch["support_masks"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
+        torch.optim.SGD(params, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+    def run():
+        out = train_step(model, feats if cached else batch, cfg.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+    return dict(run=run, batch=B)
+
