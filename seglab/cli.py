@@ -191,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", default=None, help="also write the table and the machine to this JSON file")
     d = sub.add_parser("docs", help="build the course website (default: _site/)")
     d.add_argument("out", nargs="?", default="_site")
+    d.add_argument("--no-execute", action="store_true", help="do not run the notebooks (a text-only site)")
+    d.add_argument("--jobs", type=int, default=None, help="notebooks executed at a time (default: up to 2)")
     s = sub.add_parser("student-copies", help="student notebooks: each solution replaced by a stub")
     s.add_argument("out")
     return p
@@ -246,7 +248,7 @@ def _main(argv: list[str]) -> int:
         print(format_table(rows, BENCH_COLUMNS) if rows else "no ready chapter defines bench_case yet")
     elif args.cmd == "docs":
         from seglab.course import docs_cli
-        return docs_cli([args.out])
+        return docs_cli(args.out, execute=not args.no_execute, jobs=args.jobs)
     elif args.cmd == "student-copies":
         from seglab.course import student_copies_cli
         return student_copies_cli([args.out])

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 import os
 import re
@@ -14,15 +15,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import seglab
+from .config import atomic_path, cache_root
 
 # %% auto #0
-__all__ = ['MAX_NOTEBOOK_BYTES', 'GUARD', 'BADGE', 'SOLUTION_STUB', 'BADGE_IMG', 'repo_root', 'settings', 'colab_url',
-           'install_source', 'is_chapter', 'colab_lint', 'colab_fix', 'is_solution', 'student_copy', 'student_copies',
-           'site_notebook', 'index_page', 'api_pages', 'process_notebooks', 'build_site', 'docs_cli',
-           'student_copies_cli']
+__all__ = ['MAX_NOTEBOOK_BYTES', 'GUARD', 'BADGE', 'SOLUTION_STUB', 'BADGE_IMG', 'SITE_SKIP', 'repo_root', 'settings',
+           'colab_url', 'install_source', 'is_chapter', 'colab_lint', 'colab_fix', 'is_solution', 'student_copy',
+           'student_copies', 'site_notebook', 'index_page', 'api_pages', 'site_skips', 'execution_key',
+           'execute_notebook', 'process_notebooks', 'execute_notebooks', 'build_site', 'docs_cli', 'student_copies_cli']
 
 # %% ../nbs/00_foundations/07b_course.ipynb #01404686
 def repo_root(start: str | Path | None = None) -> Path:
@@ -321,6 +325,65 @@ def api_pages(root: Path) -> dict[str, str]:
                                 f"```{{automodule}} {m}\n:members:\n```\n")
     return pages
 
+# %% ../nbs/00_foundations/07b_course.ipynb #49faf93c
+SITE_SKIP = ("slow", "gpu", "download")   # settings.ini's tst_flags: what the tests skip, the site skips too
+_FLAG_LINE = re.compile(r"^\s*#\s*\|\s*(\w[\w-]*)(?::\s*(\S+))?")
+
+def site_skips(cell) -> bool:
+    "Whether the site's execution skips this code cell: flagged with a `SITE_SKIP` flag or `#| eval: false`."
+    for line in _src(cell).splitlines():
+        m = _FLAG_LINE.match(line)
+        if not m:
+            break
+        if m.group(1) in SITE_SKIP or (m.group(1) == "eval" and m.group(2) == "false"):
+            return True
+    return False
+
+def execution_key(path: Path) -> str:
+    "sha256 of a notebook's cell types and sources and of every `seglab/*.py`: when it changes, the page is re-run."
+    h = hashlib.sha256()
+    for c in json.loads(Path(path).read_text(encoding="utf-8"))["cells"]:
+        h.update(c["cell_type"].encode() + b"\0" + _src(c).encode() + b"\0")
+    for py in sorted(Path(seglab.__file__).parent.rglob("*.py")):
+        h.update(py.read_bytes())
+    return h.hexdigest()
+
+@contextmanager
+def _environ(env: dict):
+    "Run with `os.environ` replaced by `env` (the kernels nbclient starts inherit it); restored afterwards."
+    old = dict(os.environ)
+    os.environ.clear(); os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear(); os.environ.update(old)
+
+def execute_notebook(src: str | Path, dst: str | Path, cwd: str | Path | None = None, timeout: int = 900) -> float:
+    "Execute notebook `src` in a fresh kernel (working directory `cwd`, default its folder) into `dst`; returns seconds."
+    import nbclient
+    import nbformat
+    src, t0 = Path(src), time.time()
+    nb = nbformat.read(src, as_version=4)
+    skipped = [c for c in nb.cells if c.cell_type == "code" and site_skips(c)]
+    for c in skipped:
+        c.metadata.setdefault("tags", []).append("skip-execution")
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(cwd or src.parent)}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        last = [l for l in str(e).splitlines() if l.strip()][-1:]
+        raise RuntimeError(f"{src.name}: a cell failed while executing the notebook for the site: "
+                           f"{' '.join(last)[:300]}. Fix the notebook, or build with `seglab docs --no-execute`.") from None
+    for c in skipped:
+        c.metadata["tags"].remove("skip-execution")
+        if not c.metadata["tags"]:
+            del c.metadata["tags"]
+    with atomic_path(dst) as tmp:
+        nbformat.write(nb, tmp)
+    return round(time.time() - t0, 1)
+
+
 # %% ../nbs/00_foundations/07b_course.ipynb #0ec4c1f4
 _PROC = "from nbdev.serve import proc_nbs; proc_nbs('nbs', n_workers=0)"
 
@@ -330,25 +393,54 @@ def _env(root: Path) -> dict:
                PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return env
 
+def _exec_env(root: Path) -> dict:
+    "`_env` for the kernels that execute notebooks: Jupyter's inline backend, so every figure is recorded."
+    return {**_env(root), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+
 def process_notebooks(root: Path, work: Path) -> Path:
-    "Run nbdev's notebook processors on a copy of `root`'s notebooks in `work`; returns the `_proc` folder."
-    shutil.copy(root / "settings.ini", work / "settings.ini")
-    shutil.copytree(root / "nbs", work / "nbs", ignore=shutil.ignore_patterns("_*", ".ipynb_checkpoints"))
+    "Run nbdev's notebook processors on the copy of `root`'s notebooks in `work` (settings.ini, nbs/); returns `_proc`."
     r = subprocess.run([sys.executable, "-c", _PROC], cwd=work, env=_env(root), capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError("nbdev could not process the notebooks:\n" + (r.stdout + r.stderr)[-4000:])
     return work / "_proc"
 
+def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = None) -> dict[str, object]:
+    """Execute the notebooks of the copy `nbs` (of `root/nbs`) in place, in the toy profile, `jobs` at a time (default:
+    up to 2); `which`: "all" or a list of paths relative to nbs/. Cached under <SEGLAB_CACHE>/site/ by
+    `execution_key`. Returns path -> seconds, or "cached"."""
+    from tqdm.auto import tqdm
+    paths = sorted(p.relative_to(nbs).as_posix() for p in nbs.rglob("*.ipynb"))
+    if which != "all" and (unknown := set(which) - set(paths)):
+        raise ValueError(f"cannot execute {sorted(unknown)}: not notebooks under nbs/ (e.g. '10_unsupervised/11_hp.ipynb')")
+    todo = paths if which == "all" else [p for p in paths if p in set(which)]
+    cache = cache_root() / "site"
+    def run(rel):
+        hit = cache / f"{rel[:-6].replace('/', '__')}-{execution_key(root / 'nbs' / rel)[:16]}.ipynb"
+        result = "cached" if hit.exists() else execute_notebook(root / "nbs" / rel, hit, cwd=(root / "nbs" / rel).parent)
+        shutil.copy(hit, nbs / rel)
+        return rel, result
+    with _environ(_exec_env(root)), ThreadPoolExecutor(jobs or min(2, os.cpu_count() or 1)) as pool:
+        return dict(tqdm(pool.map(run, todo), total=len(todo), desc="executing notebooks", unit="nb"))
+
 def build_site(out: str | Path = "_site", root: str | Path | None = None, quiet: bool = True,
-               proc: str | Path | None = None) -> dict:
-    "Build the course website into `out` (relative to the checkout); returns where, how long and how many pages."
+               proc: str | Path | None = None, execute="all", jobs: int | None = None) -> dict:
+    """Build the course website into `out` (relative to the checkout); returns where, how long, how many pages and
+    which notebooks ran. `execute`: "all", a list of notebooks (paths relative to nbs/) or None (text only); `proc`:
+    reuse an already processed folder (then nothing is executed)."""
     root = repo_root(root)
     out = Path(out) if Path(out).is_absolute() else root / out
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="seglab-site-") as tmp:
         tmp = Path(tmp)
-        (tmp / "proc").mkdir()
-        proc = Path(proc) if proc else process_notebooks(root, tmp / "proc")   # `proc`: reuse a processed folder
+        executed = {}
+        if proc is None:
+            (tmp / "proc").mkdir()
+            shutil.copy(root / "settings.ini", tmp / "proc" / "settings.ini")
+            shutil.copytree(root / "nbs", tmp / "proc" / "nbs", ignore=shutil.ignore_patterns("_*", ".ipynb_checkpoints"))
+            if execute:
+                executed = execute_notebooks(root, tmp / "proc" / "nbs", execute, jobs)
+            proc = process_notebooks(root, tmp / "proc")
+        proc = Path(proc)
         src = tmp / "src"
         shutil.copytree(root / "docs", src)
         shutil.copy(root / "settings.ini", src / "settings.ini")
@@ -375,15 +467,16 @@ def build_site(out: str | Path = "_site", root: str | Path | None = None, quiet:
         warnings = [l for l in r.stderr.splitlines() if "WARNING" in l]
     html = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.html") if not p.name.startswith("_"))
     html = [h for h in html if not h.startswith(("_", "genindex", "search", "py-modindex"))]
-    return dict(out=out, seconds=round(time.time() - t0, 1), pages=html, warnings=warnings)
+    return dict(out=out, seconds=round(time.time() - t0, 1), pages=html, warnings=warnings, executed=executed)
 
 # %% ../nbs/00_foundations/07b_course.ipynb #1019def4
-def docs_cli(argv: list[str]) -> int:
-    "`seglab docs [OUT]`: build the website (default `_site/`)."
-    out = argv[0] if argv else "_site"
-    info = build_site(out, root=Path.cwd())
+def docs_cli(out: str = "_site", execute: bool = True, jobs: int | None = None) -> int:
+    "`seglab docs [OUT] [--no-execute] [--jobs N]`: build the website (default `_site/`), executing the notebooks."
+    info = build_site(out, root=Path.cwd(), execute="all" if execute else None, jobs=jobs)
+    ran = sum(v != "cached" for v in info["executed"].values())
     print(f"built {len(info['pages'])} pages into {info['out']} in {info['seconds']} s "
-          f"({len(info['warnings'])} Sphinx warnings)")
+          f"({len(info['warnings'])} Sphinx warnings; {ran} notebooks executed, "
+          f"{len(info['executed']) - ran} from the cache)")
     return 0
 
 def student_copies_cli(argv: list[str]) -> int:

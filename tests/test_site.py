@@ -17,6 +17,7 @@ from seglab.course import build_site
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = shutil.which("chromedriver")
+EXECUTED = ["00_foundations/06_viz.ipynb"]   # a few seconds; the full build (`seglab docs`) executes every notebook
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -26,8 +27,9 @@ def site(tmp_path_factory, request):
     if not (os.environ.get("CI") or "slow" in flags):
         pytest.skip("slow (the site build takes 2-6 minutes): runs in CI (.ci/run sets CI) or with SEGLAB_FLAGS=slow")
     out = Path(os.environ.get("SEGLAB_SITE_OUT") or tmp_path_factory.mktemp("site") / "_site")
-    info = build_site(out, root=ROOT)
-    print(f"site: {len(info['pages'])} pages in {info['seconds']} s, {len(info['warnings'])} Sphinx warnings -> {out}")
+    info = build_site(out, root=ROOT, execute=EXECUTED)   # one notebook executed: its figures must reach the page
+    print(f"site: {len(info['pages'])} pages in {info['seconds']} s, {len(info['warnings'])} Sphinx warnings, "
+          f"executed {info['executed']} -> {out}")
     return info
 
 
@@ -69,6 +71,9 @@ def test_site_pages_show_no_raw_syntax_and_math_is_marked(site):
         assert not re.search(r":::\s*\{?\.?callout", text), f"{rel}: Quarto callout shown as text"
         assert not re.search(r'\{target="_blank"', text), f"{rel}: Quarto link attributes shown as text"
         assert "cdn." not in html and "unpkg.com" not in html and "jsdelivr" not in html, f"{rel}: loads from a CDN"
+    assert set(site["executed"]) == set(EXECUTED)
+    viz = (out / "00_foundations" / "06_viz.html").read_text()
+    assert re.search(r'<img[^>]+src="\.\./_images/[^"]+\.png"', viz), "the executed notebook's figures are on its page"
     hp = (out / "10_unsupervised" / "11_hp.html").read_text()
     assert 'class="math' in hp and "_static/mathjax/tex-chtml.js" in hp
 
@@ -101,7 +106,7 @@ def test_site_in_headless_chromium(site):
     out = site["out"]
     shots = out / "_screenshots"
     shots.mkdir(exist_ok=True)
-    pages = ["index.html", "10_unsupervised/11_hp.html", "30_semi/31_abd.html"]
+    pages = ["index.html", "10_unsupervised/11_hp.html", "30_semi/31_abd.html", "00_foundations/06_viz.html"]
     driver = _driver(shots)
     try:
         for rel in pages:
@@ -123,6 +128,10 @@ def test_site_in_headless_chromium(site):
                 "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
             n_img = driver.execute_script("return document.images.length")
             assert n_img > 0 and not broken, f"{rel}: images that did not load: {broken}"
+            if rel == "00_foundations/06_viz.html":   # executed: figures, not only the Colab badge
+                figures = driver.execute_script("return [...document.images].filter(i => i.src.includes('/_images/')"
+                                                " && i.naturalWidth > 100).length")
+                assert figures >= 1, f"{rel}: no figure from the executed notebook loaded"
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, f"{rel}: console errors: {errors[:5]}"
             driver.save_screenshot(str(shots / (rel.replace("/", "_")[:-5] + ".png")))
