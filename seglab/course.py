@@ -407,7 +407,8 @@ def process_notebooks(root: Path, work: Path) -> Path:
 def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = None) -> dict[str, object]:
     """Execute the notebooks of the copy `nbs` (of `root/nbs`) in place, in the toy profile, `jobs` at a time (default:
     up to 2); `which`: "all" or a list of paths relative to nbs/. Cached under <SEGLAB_CACHE>/site/ by
-    `execution_key`. Returns path -> seconds, or "cached"."""
+    `execution_key`. Returns path -> seconds, "cached", or the error of a notebook that failed (its page then shows
+    the unexecuted notebook; the other notebooks still run)."""
     from tqdm.auto import tqdm
     paths = sorted(p.relative_to(nbs).as_posix() for p in nbs.rglob("*.ipynb"))
     if which != "all" and (unknown := set(which) - set(paths)):
@@ -416,7 +417,13 @@ def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = Non
     cache = cache_root() / "site"
     def run(rel):
         hit = cache / f"{rel[:-6].replace('/', '__')}-{execution_key(root / 'nbs' / rel)[:16]}.ipynb"
-        result = "cached" if hit.exists() else execute_notebook(root / "nbs" / rel, hit, cwd=(root / "nbs" / rel).parent)
+        if hit.exists():
+            result = "cached"
+        else:
+            try:
+                result = execute_notebook(root / "nbs" / rel, hit, cwd=(root / "nbs" / rel).parent)
+            except RuntimeError as e:
+                return rel, f"failed: {e}"
         shutil.copy(hit, nbs / rel)
         return rel, result
     with _environ(_exec_env(root)), ThreadPoolExecutor(jobs or min(2, os.cpu_count() or 1)) as pool:
@@ -473,11 +480,14 @@ def build_site(out: str | Path = "_site", root: str | Path | None = None, quiet:
 def docs_cli(out: str = "_site", execute: bool = True, jobs: int | None = None) -> int:
     "`seglab docs [OUT] [--no-execute] [--jobs N]`: build the website (default `_site/`), executing the notebooks."
     info = build_site(out, root=Path.cwd(), execute="all" if execute else None, jobs=jobs)
-    ran = sum(v != "cached" for v in info["executed"].values())
+    failed = {k: v for k, v in info["executed"].items() if str(v).startswith("failed")}
+    cached = sum(v == "cached" for v in info["executed"].values())
     print(f"built {len(info['pages'])} pages into {info['out']} in {info['seconds']} s "
-          f"({len(info['warnings'])} Sphinx warnings; {ran} notebooks executed, "
-          f"{len(info['executed']) - ran} from the cache)")
-    return 0
+          f"({len(info['warnings'])} Sphinx warnings; {len(info['executed']) - cached - len(failed)} notebooks executed, "
+          f"{cached} from the cache, {len(failed)} failed)")
+    for rel, why in failed.items():
+        print(f"seglab docs: {rel} {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 def student_copies_cli(argv: list[str]) -> int:
     "`seglab student-copies OUT/`: student copies of every chapter notebook."

@@ -72,6 +72,7 @@ def test_site_pages_show_no_raw_syntax_and_math_is_marked(site):
         assert not re.search(r'\{target="_blank"', text), f"{rel}: Quarto link attributes shown as text"
         assert "cdn." not in html and "unpkg.com" not in html and "jsdelivr" not in html, f"{rel}: loads from a CDN"
     assert set(site["executed"]) == set(EXECUTED)
+    assert not [v for v in site["executed"].values() if str(v).startswith("failed")], site["executed"]
     viz = (out / "00_foundations" / "06_viz.html").read_text()
     assert re.search(r'<img[^>]+src="\.\./_images/[^"]+\.png"', viz), "the executed notebook's figures are on its page"
     hp = (out / "10_unsupervised" / "11_hp.html").read_text()
