@@ -370,9 +370,10 @@ def execute_notebook(src: str | Path, dst: str | Path, cwd: str | Path | None = 
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                      resources={"metadata": {"path": str(cwd or src.parent)}})
     try:
-        client.execute()
-    except nbclient.exceptions.CellExecutionError as e:
-        last = [l for l in str(e).splitlines() if l.strip()][-1:]
+        client.execute(stderr=subprocess.DEVNULL)   # the kernel's own log lines; cell errors arrive as messages
+    except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError,
+            nbclient.exceptions.DeadKernelError) as e:
+        last = [l for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
         raise RuntimeError(f"{src.name}: a cell failed while executing the notebook for the site: "
                            f"{' '.join(last)[:300]}. Fix the notebook, or build with `seglab docs --no-execute`.") from None
     for c in skipped:
