@@ -19,8 +19,8 @@ import seglab
 from .config import PROFILES, banner, cache_root, get_profile
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_COLUMNS', 'Chapter', 'UsageError', 'user_error', 'one_line', 'get_chapter',
-           'format_table', 'course_table', 'checkpoint_path', 'run_chapter', 'tour', 'main']
+__all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_KEYS', 'TOUR_COLUMNS', 'Chapter', 'UsageError', 'user_error', 'one_line',
+           'get_chapter', 'format_table', 'course_table', 'checkpoint_path', 'run_chapter', 'tour', 'main']
 
 # %% ../nbs/00_foundations/07_cli.ipynb #8f925e14
 @dataclass(frozen=True)
@@ -143,9 +143,10 @@ def run_chapter(slug: str, profile: str | None = None, resume: bool | None = Non
                              f"Fix: run `seglab train {slug}` without --resume.")
     t0 = time.time()
     result = chapter_tour(profile=profile, **kwargs)
-    missing = {"metric", "value", "chance"} - set(result)
+    missing = set(TOUR_KEYS) - set(result)
     if missing:
-        raise TypeError(f"{ch.module_name}.tour must return metric, value and chance; missing {sorted(missing)}")
+        raise TypeError(f"{ch.module_name}.tour must return {', '.join(TOUR_KEYS)} (baseline_name: the strongest simple "
+                        f"baseline, baseline: its value on the same metric); missing {sorted(missing)}")
     return {"chapter": slug, "task": ch.task, **result, "seconds": round(time.time() - t0, 1)}  # the CLI's timing wins
 
 def tour(profile: str | None = None, only: list[str] | None = None, run=run_chapter) -> tuple[list[dict], bool]:
@@ -164,7 +165,8 @@ def tour(profile: str | None = None, only: list[str] | None = None, run=run_chap
             ok = False
     return rows, ok
 
-TOUR_COLUMNS = ["chapter", "task", "metric", "value", "chance", "seconds"]
+TOUR_KEYS = ("metric", "value", "chance", "baseline_name", "baseline")  # what every chapter's `tour` returns
+TOUR_COLUMNS = ["chapter", "task", "metric", "value", "baseline", "baseline_name", "chance", "seconds"]
 
 # %% ../nbs/00_foundations/07_cli.ipynb #5c23bcc8
 def _parser() -> argparse.ArgumentParser:

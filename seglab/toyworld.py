@@ -939,8 +939,11 @@ def chance_miou(train: dict, val: dict, seed: int = 0) -> float:
     return miou(pred, val["mask"].flatten())
 
 def tour(profile: str | None = "toy", ckpt: str | None = None) -> dict:
-    """Train `TinyFCN` on ToyWorld semantic scenes and report validation mIoU beside chance and the colour-only
-    baseline (the foundations' entry of `seglab tour`). With `ckpt` the run checkpoints there and resumes from it."""
+    """Train `TinyFCN` on ToyWorld semantic scenes and report validation mIoU beside chance, the colour-only lookup and
+    the strongest simple baseline, a per-pixel classifier on raw RGB trained on the same labels
+    (`seglab.baselines.fit_pixel_classifier`): the foundations' entry of `seglab tour`. With `ckpt` the run
+    checkpoints there and resumes from it."""
+    from seglab.baselines import fit_pixel_classifier, predict_dense  # the foundations' baselines (09_baselines)
     from seglab.engine import fit  # the training loop of the foundations (05_engine)
     cfg = pick(TOUR_CONFIG, profile)
     t0 = time.time()
@@ -968,6 +971,8 @@ def tour(profile: str | None = "toy", ckpt: str | None = None) -> dict:
     with torch.no_grad():
         for k in range(0, cfg.n_val, 64):
             cm.update(model(val["image"][k:k + 64].to(device)).argmax(1).cpu(), val["mask"][k:k + 64])
+    pixel = fit_pixel_classifier(train["image"], train["mask"], NUM_CLASSES, seed=cfg.seed)
     return dict(metric="mIoU", value=cm.compute()["miou"], chance=chance_miou(train, val, cfg.seed),
+                baseline_name="raw-RGB pixel classifier", baseline=miou(predict_dense(pixel, val["image"]), val["mask"]),
                 colour_baseline=colour_baseline(train, val), seconds=time.time() - t0, data_seconds=t_data,
                 steps=cfg.steps, profile=cfg.profile)

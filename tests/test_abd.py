@@ -246,7 +246,8 @@ def test_tour_forwards_ckpt(tmp_path, monkeypatch):
     monkeypatch.setitem(abd.CONFIG, "toy", small)
     out = abd.tour("toy", ckpt=tmp_path / "abd-toy.pt")
     assert (tmp_path / "abd-toy.pt").is_file() and (tmp_path / "abd-toy-labelled-only.pt").is_file()
-    assert {"metric", "value", "chance", "labelled_only"} <= set(out)
+    assert {"metric", "value", "chance", "labelled_only", "baseline_name", "baseline"} <= set(out)
+    assert out["baseline"] == out["labelled_only"] and "labelled-only" in out["baseline_name"]
 
 
 # ---------------------------------------------------------------- benchmark case (issue #17)

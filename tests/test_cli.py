@@ -49,7 +49,9 @@ def test_tour_runs_foundations_and_reports_learning():
     r = seglab_cmd("tour", "--only", "toyworld", SEGLAB_PROFILE="toy")
     assert r.returncode == 0, r.stdout + r.stderr
     row = next(l for l in r.stdout.splitlines() if l.startswith("toyworld"))
-    assert "mIoU" in row
+    assert "mIoU" in row and "raw-RGB pixel classifier" in row      # the strongest simple baseline beside the method
+    header = next(l for l in r.stdout.splitlines() if l.startswith("chapter"))
+    assert header.split()[3:6] == ["value", "baseline", "baseline_name"]
 
 
 # --- user errors: one line naming what was wrong and the fix, exit 2, no traceback (issue #14) ---
@@ -139,5 +141,5 @@ def test_train_resumes_after_kill_9_to_the_uninterrupted_weights(tmp_path):
     for k, v in reference["model"].items():
         assert v.dtype == resumed["model"][k].dtype and torch.equal(v, resumed["model"][k]), f"{k} differs"
     row = lambda out: next(l for l in out.splitlines() if l.startswith("toyworld")).split()
-    assert row(r.stdout)[-3:-1] == row(ref.stdout)[-3:-1]  # the same mIoU and chance in the printed table
+    assert row(r.stdout)[:-1] == row(ref.stdout)[:-1]  # the same mIoU, baseline and chance in the printed table
     print(f"killed at step {killed_at} of {steps}; resumed weights equal the uninterrupted run's")

@@ -117,6 +117,17 @@ def test_train_and_tour_take_ckpt():
     assert inspect.signature(hp.tour).parameters["ckpt"].default is None
 
 
+def test_tour_reports_the_strongest_baseline(monkeypatch):
+    "The tour contract: `baseline` is the better of k-means on the frozen features and the untrained head + k-means."
+    monkeypatch.setitem(hp.CONFIG, "toy", dict(hp.CONFIG["toy"], n_train=16, n_val=8, steps=2, batch=4, pool_size=8,
+                                               renew_interval=2, warmup=1, feat_batch=8))
+    monkeypatch.setitem(hp.CONFIG, "common", dict(hp.CONFIG["common"], n_init=2))
+    out = hp.tour("toy")
+    assert out["baseline"] == max(out["kmeans"], out["untrained"]) and 0 <= out["baseline"] <= 1
+    assert out["baseline_name"] == ("untrained head + k-means" if out["untrained"] > out["kmeans"]
+                                    else "k-means on the frozen features")
+
+
 def test_positives_are_mined_on_dropped_out_features():
     "GHP_ag sees Drop2d(f) (whole channels zeroed), as the official code mines it, not the clean features."
     cfg, data = small_cfg(), synthetic_data()

@@ -175,11 +175,15 @@ def test_tour_checkpoints(tmp_path, monkeypatch):
     first = scl.tour("toy", ckpt=ckpt)
     assert ckpt.exists() and (tmp_path / "scl-toy-baseline.pt").exists()
     second = scl.tour("toy", ckpt=ckpt)                              # both runs finished: resumed as they are
-    assert (second["value"], second["baseline"]) == (first["value"], first["baseline"])
+    assert (second["value"], second["masked_gap"]) == (first["value"], first["masked_gap"])
+    # the tour contract: the strongest simple baseline (the better of masked GAP and the training-free probe)
+    assert first["baseline"] == max(first["masked_gap"], first["probe"]) and isinstance(first["baseline_name"], str)
+    assert first["baseline_name"] == ("training-free matching probe" if first["probe"] > first["masked_gap"]
+                                      else "masked-GAP baseline (same training)")
     ckpt.unlink()                                                     # a fresh start: the stale baseline goes too
     (tmp_path / "scl-toy-baseline.pt").write_bytes(b"stale")
     again = scl.tour("toy", ckpt=ckpt)
-    assert again["value"] == first["value"] and again["baseline"] == first["baseline"]
+    assert again["value"] == first["value"] and again["masked_gap"] == first["masked_gap"]
 
 
 # --- item 6: the full CONFIG, one step at full size on real VOC samples ------------------------------------------

@@ -46,6 +46,14 @@ def test_chapter_is_ready_for_the_cli():
     assert get_chapter("weclip").status == "ready"
 
 
+def test_tour_reports_the_raw_rgb_baseline(monkeypatch):
+    "The tour contract: the strongest simple baseline, a raw-RGB pixel classifier on the same static pseudo labels."
+    from seglab.methods import weclip
+    monkeypatch.setitem(weclip.CONFIG, "toy", dict(weclip.CONFIG["toy"], n_train=8, n_val=4, steps=2, batch=4))
+    out = weclip.tour("toy")
+    assert out["baseline_name"].startswith("raw-RGB pixel classifier") and 0 <= out["baseline"] <= 1
+
+
 # --- issue #15: CLIP-ES's softmax, CPU amp, the official rescale, resume, the full config ---------------------------
 import math
 import os
@@ -224,3 +232,25 @@ def test_cache_clip_pass_through_feature_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(wc, "clip_pass", no_clip)
     second = wc.cache_clip_pass(model, data, batch=2)               # loaded, not recomputed
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_rfm_phase_trains_on_the_rfm_pseudo_labels():
+    """Mechanism check (#16, "RFM never switched on"): past `rfm_start`, `train_step`'s L_seg is the loss on the RFM
+    pseudo labels (built with the decoder's A_d), not on the static ones; before it, on the static ones. Fails when
+    the step logs rfm=1 but never hands A_d to the pseudo labels, or never leaves the static phase."""
+    from seglab.methods.weclip import pseudo_labels, seg_loss, cached_pass
+    cfg, data = _small(dict(steps=10, rfm_start=0.5))
+    batch = data(0)[0]
+    seed_everything(cfg.seed)
+    model = build_model(cfg).eval()                          # eval: no dropout, so the forwards below agree
+    cp = cached_pass(batch)
+    s, a_d, _ = model(batch["image"], batch["labels"], cp)
+    y_rfm = pseudo_labels(cp, batch["labels"], batch["image"], cfg, a_d=a_d)
+    assert not torch.equal(y_rfm, batch["y_static"])       # RFM changes some labels on this batch
+    l_static, l_rfm = float(seg_loss(s, batch["y_static"])), float(seg_loss(s, y_rfm))
+    model.steps_done = 0
+    out = train_step(model, batch)
+    assert out["rfm"] == 0.0 and abs(float(out["l_seg"]) - l_static) < 1e-5
+    model.steps_done = 5                                     # rfm_start 0.5 of 10 steps
+    out = train_step(model, batch)
+    assert out["rfm"] == 1.0 and abs(float(out["l_seg"]) - l_rfm) < 1e-5 and abs(l_rfm - l_static) > 1e-4
