@@ -1,0 +1,136 @@
+"""TDM chapter (`seglab.methods.tdm`): resume, tour, bench case, the full CONFIG for one step on a CUB layout built
+from the CUB sample, and the episode plumbing on real images."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from seglab.config import pick
+from seglab.data.datasets import CUB200
+from seglab.methods import tdm
+
+DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+CUB = DATA / "cub_subset"
+SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
+needs_cub = pytest.mark.skipif(not CUB.is_dir(), reason=f"CUB samples not found at {CUB} (set SEGLAB_SHARED_DATA)")
+
+
+def cub_layout(root: Path, classes: int = 200, per_class: int = 17) -> Path:
+    """A CUB-200-2011 layout (official file names, 0-based ids, `, ` separators as the sample) of `classes` classes:
+    class k links `per_class` images of sample class k % 20 (a different slice per copy), with bounding boxes 8 px
+    inside each image. Returns the folder holding `CUB_200_2011/`."""
+    src = CUB200(CUB, "all")
+    by_class = {}
+    for i, t in zip(src.ids, src.targets):
+        by_class.setdefault(t, []).append(i)
+    top = root / "CUB_200_2011"
+    (top / "images").mkdir(parents=True)
+    lines = {k: [] for k in ("images", "image_class_labels", "train_test_split", "bounding_boxes", "classes")}
+    n = 0
+    for c in range(classes):
+        d = top / "images" / f"class_{c:03d}"
+        d.mkdir()
+        lines["classes"].append(f"{c}, class_{c:03d}")
+        pool = by_class[c % len(by_class)]
+        for j in range(per_class):
+            iid = pool[(j + c // len(by_class)) % len(pool)]
+            f = src.root / "images" / src.paths[iid]
+            (d / f"{j:04d}.jpg").symlink_to(f)
+            w, h = Image.open(f).size
+            lines["images"].append(f"{n}, class_{c:03d}/{j:04d}.jpg")
+            lines["image_class_labels"].append(f"{n}, {c}")
+            lines["train_test_split"].append(f"{n}, {int(j % 2 == 0)}")
+            lines["bounding_boxes"].append(f"{n}, 8.0, 8.0, {w - 16.0}, {h - 16.0}")
+            n += 1
+    for k, v in lines.items():
+        (top / f"{k}.txt").write_text("\n".join(v) + "\n")
+    return root
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = pick(tdm.CONFIG, "toy").replace(steps=6, ckpt_every=2)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt:
+        def __init__(self, step): self.step = step
+        def update(self, step, **_):
+            if step >= self.step:
+                raise Stop
+        def close(self): pass
+
+    ref, _ = tdm.train(cfg)
+    ckpt = tmp_path / "tdm.pt"
+    with pytest.raises(Stop):
+        tdm.train(cfg, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.exists()                                               # saved at step 2
+    resumed, hist = tdm.train(cfg, ckpt=ckpt)
+    ra, rb = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)                  # BN running stats included
+    assert len(hist) > 0
+
+
+def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
+    monkeypatch.setitem(tdm.CONFIG, "toy", dict(tdm.CONFIG["toy"], steps=12, n_test=12))
+    monkeypatch.setitem(tdm.CONFIG, "common", dict(tdm.CONFIG["common"], ckpt_every=5))
+    ckpt = tmp_path / "tdm-toy.pt"
+    r = tdm.tour("toy", ckpt=ckpt)
+    for k in ("metric", "value", "chance", "baseline_name", "baseline"):
+        assert k in r
+    assert isinstance(r["baseline_name"], str) and 0 <= r["baseline"] <= 1 and r["chance"] == 0.2
+    assert ckpt.exists() and (tmp_path / "tdm-toy-protonet.pt").exists()
+    again = tdm.tour("toy", ckpt=ckpt)                                 # both finished: resumed as they are
+    assert again["value"] == r["value"] and again["baseline"] == r["baseline"]
+
+
+@pytest.mark.parametrize("profile", ["toy", "full"])
+def test_bench_case_runs_one_step(profile):
+    cfg = pick(tdm.CONFIG, profile).replace(way=3, queries=2, size=84)
+    case = tdm.bench_case(cfg)
+    case["run"]()
+    assert case["batch"] == 3 * 1 + 3 * 2
+
+
+def test_sandglass_quirk_and_weights_in_training_mode():
+    cfg = pick(tdm.CONFIG, "toy")
+    e = tdm.make_episodes(cfg, True, n=1)[0]
+    net = tdm.build_model(cfg).train()
+    out = net(e["support_images"], e["support_labels"], e["query_images"])
+    assert out["w"].shape == (cfg.way, cfg.way * cfg.queries, cfg.channels)
+    assert out["w"].min() >= 0 and out["w"].max() <= 2
+
+
+def test_class_split_is_disjoint_and_sized_as_frn():
+    s = tdm.class_split(200)
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (100, 50, 50)
+    assert not set(s["train"]) & set(s["test"]) and not set(s["val"]) & set(s["test"])
+
+
+@needs_cub
+@pytest.mark.skipif(not SLOW, reason="slow (one full-size step: a 20-way 1-shot, 15-query episode of 320 images at 84 px "
+                                     "through Conv-4, 1.5-4 min on one shared CPU thread): run with SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_a_cub_layout(tmp_path):
+    root = cub_layout(tmp_path)
+    cfg = pick(tdm.CONFIG, "full").replace(data_root=str(root), steps=1, pretrained=False)   # nothing else changed
+    assert cfg.crop and cfg.size == 84 and cfg.way == 20 and cfg.queries == 15
+    train_eps = tdm.make_episodes(cfg, True)
+    e = train_eps[0]
+    assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
+    assert set(e["class_ids"].tolist()) <= set(tdm.class_split(200)["train"])
+    model, hist = tdm.train(cfg, train_eps)
+    assert torch.isfinite(torch.tensor(hist.last("loss")))
+    r = tdm.evaluate(model, cfg, tdm.make_episodes(cfg, False, n=2))
+    assert r["n"] == 2 and 0 <= r["acc"] <= 1
+
+
+@needs_cub
+def test_cub_sample_episodes_respect_the_class_split():
+    cfg = pick(tdm.CONFIG, "full").replace(data_root=str(CUB), crop=False, split=(0.6, 0.0, 0.4), way=5, queries=2)
+    test = tdm.make_episodes(cfg, False, n=3)
+    for i in range(3):
+        x = test[i]
+        assert set(x["class_ids"].tolist()) <= set(range(12, 20))
+        assert x["query_images"].shape == (5 * 16, 3, 84, 84) and 0 <= x["query_images"].min() <= x["query_images"].max() <= 1
