@@ -30,7 +30,8 @@ __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EF
            'clip_text_classifier', 'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior',
            'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
            'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points', 'features_at',
-           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'patch_labels', 'knn_patch_predict']
+           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'toy_cnn_shape', 'patch_labels',
+           'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -291,7 +292,7 @@ def masked_support_prior(query_feats: torch.Tensor, support_feats: torch.Tensor,
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64
-TOY_STEPS = dict(vit=500, clip=500, cnn=300)
+TOY_STEPS = dict(vit=500, clip=500, cnn=300, cnn_shape=1200)
 ASSETS = Path(__file__).parent / "assets" if "__file__" in globals() else Path("../../seglab/assets")
 
 def build_toy_vit(seed: int = 0) -> VisionTransformer:
@@ -337,12 +338,12 @@ def _cosine_lr(opt, step: int, steps: int, lr: float, warmup: int = 20) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
-def toy_scenes(n: int, seed: int, captions: bool = False) -> dict:
-    "`n` ToyWorld semantic scenes as stacked `image`/`mask`/`labels` (plus the list of `caption`s if asked)."
+def toy_scenes(n: int, seed: int, captions: bool = False, palette: str = "class") -> dict:
+    "`n` ToyWorld semantic scenes (`palette` 'class' or 'shared') as stacked `image`/`mask`/`labels` (plus the list of `caption`s if asked)."
     from seglab.toyworld import SemanticScenes, collate, make_scenes
     if not captions:
-        return make_scenes(n, size=TOY_IMG, seed=seed)
-    batch = collate([SemanticScenes(n, size=TOY_IMG, seed=seed)[i] for i in range(n)])
+        return make_scenes(n, size=TOY_IMG, seed=seed, palette=palette)
+    batch = collate([SemanticScenes(n, size=TOY_IMG, seed=seed, palette=palette)[i] for i in range(n)])
     return {k: batch[k] for k in ("image", "mask", "labels", "caption")}
 
 def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, scale: torch.Tensor, captions) -> torch.Tensor:
@@ -352,24 +353,27 @@ def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, scale: torch.Tensor,
     target = same / same.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
-def object_scenes(n: int, seed: int, scale=(0.28, 0.42)) -> dict:
+def object_scenes(n: int, seed: int, scale=(0.28, 0.42), palette: str = "class") -> dict:
     """`n` object-centric ToyWorld images (one thing object filling most of the frame, on random stuff), like the
-    object-centric photos of ImageNet: `image` [n,3,H,W] and `caption` ('a red striped disk on grass')."""
+    object-centric photos of ImageNet: `image` [n,3,H,W], `mask` [n,H,W] (class ids), `labels` [n,K] (classes
+    present) and `caption` ('a red striped disk on grass'; with `palette="shared"`, 'a red disk with a slit on grass')."""
     import numpy as np
     from seglab.toyworld import (COLOURS, NUM_CLASSES, NUM_STUFF, caption_of, render_scene, sample_object,
                                  sample_rng, sample_scene)
-    images, captions = np.empty((n, 3, TOY_IMG, TOY_IMG), np.float32), []
+    images, masks, captions = np.empty((n, 3, TOY_IMG, TOY_IMG), np.float32), np.empty((n, TOY_IMG, TOY_IMG), np.uint8), []
     for i in range(n):
         rng = sample_rng(seed, "semantic", i)
-        spec = sample_scene(rng, TOY_IMG, n_objects=0)
-        obj = sample_object(rng, TOY_IMG, int(rng.integers(NUM_STUFF, NUM_CLASSES)))
+        spec = sample_scene(rng, TOY_IMG, n_objects=0, palette=palette)
+        obj = sample_object(rng, TOY_IMG, int(rng.integers(NUM_STUFF, NUM_CLASSES)), palette=palette)
         obj.update(r=float(rng.uniform(*scale)) * TOY_IMG, cy=float(rng.uniform(0.4, 0.6)) * TOY_IMG,
                    cx=float(rng.uniform(0.4, 0.6)) * TOY_IMG)
         spec["objects"] = [obj]
-        images[i], sem, inst = render_scene(spec, rng)
-        stuff = np.bincount(sem[inst == 0], minlength=NUM_STUFF)[:NUM_STUFF].argmax()
-        captions.append(caption_of([(COLOURS[obj["colour"]], obj["cls"])], int(stuff)))
-    return dict(image=torch.from_numpy(images), caption=captions)
+        images[i], masks[i], inst = render_scene(spec, rng)
+        stuff = np.bincount(masks[i][inst == 0], minlength=NUM_STUFF)[:NUM_STUFF].argmax()
+        captions.append(caption_of([(COLOURS[obj["colour"]], obj["cls"])], int(stuff), palette=palette))
+    mask = torch.from_numpy(masks).long()
+    labels = torch.zeros(n, NUM_CLASSES).scatter_(1, mask.flatten(1), 1.0)
+    return dict(image=torch.from_numpy(images), mask=mask, labels=labels, caption=captions)
 
 def drop_words(caption: str, g: torch.Generator) -> str:
     "Caption augmentation: drop the colour words, and the trailing 'on <stuff>', each with probability 1/2."
@@ -407,6 +411,23 @@ def _pretrain_cnn(seed: int, steps: int, batch: int = 64, lr: float = 2e-3):
         x = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
         _cosine_lr(opt, step, steps, lr)
         loss = F.binary_cross_entropy_with_logits(model(normalize(model, x)), data["labels"][idx])
+        opt.zero_grad(); loss.backward(); opt.step()
+    model.reset_classifier(0)
+    return model, dict(loss=round(loss.item(), 4))
+
+def _pretrain_cnn_shape(seed: int, steps: int, batch: int = 64, lr: float = 2e-3, objects: float = 1 / 3):
+    """The toy CNN on the shared palette (class = shape + part): multi-label BCE on image labels of 4096 scenes and
+    2048 object-centric images, a fraction `objects` of each batch object-centric."""
+    scenes, objs = toy_scenes(4096, seed=seed + 1, palette="shared"), object_scenes(2048, seed=seed + 2, palette="shared")
+    images, labels = torch.cat([scenes["image"], objs["image"]]), torch.cat([scenes["labels"], objs["labels"]])
+    model, g = build_toy_cnn(seed, num_classes=labels.shape[1]).train(), torch.Generator().manual_seed(seed)
+    opt, n_obj = _adamw(model, lr), round(batch * objects)
+    for step in range(steps):
+        idx = torch.cat([torch.randint(4096, (batch - n_obj,), generator=g), 4096 + torch.randint(2048, (n_obj,), generator=g)])
+        x = images[idx]
+        x = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
+        _cosine_lr(opt, step, steps, lr)
+        loss = F.binary_cross_entropy_with_logits(model(normalize(model, x)), labels[idx])
         opt.zero_grad(); loss.backward(); opt.step()
     model.reset_classifier(0)
     return model, dict(loss=round(loss.item(), 4))
@@ -481,9 +502,9 @@ def _pretrain_vit(seed: int, steps: int, batch: int = 64, px: int = 48, lr: floa
     return model, dict(loss=round(loss.item(), 4))
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #b154dd79
-TOY_NAMES = ("vit", "clip", "cnn")
-_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn)
-_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn)
+TOY_NAMES = ("vit", "clip", "cnn", "cnn_shape")
+_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn, cnn_shape=_pretrain_cnn_shape)
+_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn, cnn_shape=build_toy_cnn)
 
 def _check_name(name: str) -> str:
     if name not in TOY_NAMES:
@@ -567,6 +588,10 @@ def toy_clip():
 def toy_cnn() -> ResNet:
     "The frozen toy ResNet (dense features via `cnn_features`)."
     return load_toy("cnn")
+
+def toy_cnn_shape() -> ResNet:
+    "The frozen toy ResNet pretrained on shared-palette image labels (class = shape + part; `cnn_features`)."
+    return load_toy("cnn_shape")
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #f886b0bb
 def patch_labels(mask: torch.Tensor, patch: int, num_classes: int, purity: float = 0.5) -> torch.Tensor:

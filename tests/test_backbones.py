@@ -42,3 +42,25 @@ def test_pretrain_toy_is_deterministic(tmp_path):
     assert entry["steps"] == 2 and entry["sha256"] == bb.sha256sum(a)
     with pytest.raises(ValueError, match="choose one of"):
         bb.pretrain_toy("resnet")
+
+
+def test_object_scenes_default_palette_unchanged_and_shared_palette_named_by_shape():
+    "The default object-centric images are those the shipped `clip`/`vit` were trained on (signature recorded before the palette knob)."
+    d = bb.object_scenes(4, seed=3)
+    assert abs(float(d["image"].double().sum()) - 17969.965593410656) < 1e-3
+    assert d["caption"] == ['a yellow striped disk on grass', 'a yellow plain triangle on brick',
+                            'a yellow checked ring on brick', 'a blue dotted square on brick']
+    s = bb.object_scenes(4, seed=3, palette="shared")
+    from seglab.toyworld import SHARED_CLASS_NAMES
+    for cap, mask, lab in zip(s["caption"], s["mask"], s["labels"]):
+        assert f" {SHARED_CLASS_NAMES[int(mask.max())]} on " in cap
+        assert torch.equal(lab.nonzero()[:, 0], mask.unique())
+
+
+def test_cnn_shape_loads_frozen_and_is_new_weights():
+    "`toy_cnn_shape()` loads (sha256-checked), frozen, and is not the default-palette `cnn`."
+    x = torch.rand(2, 3, 64, 64)
+    cnn, shape = bb.toy_cnn(), bb.toy_cnn_shape()
+    assert not any(p.requires_grad for p in shape.parameters())
+    f_old, f_new = (bb.cnn_features(m, x, ("layer3",))["layer3"] for m in (cnn, shape))
+    assert f_new.shape == f_old.shape == (2, 64, 8, 8) and not torch.allclose(f_old, f_new)
