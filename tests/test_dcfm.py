@@ -1,0 +1,221 @@
+"""Checks of the DCFM chapter module (seglab.methods.dcfm): DPG / DFE / SCL invariants, the distractor-group view,
+the eval-co-sod metrics, the mechanism checks and their breakages, resuming, the benchmark case, and the full config
+for one step on the real COCO128-seg sample."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from seglab.config import pick
+from seglab.methods import dcfm
+
+SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
+
+
+def tiny(**over):
+    "A toy config small enough for a few training steps in a test."
+    cfg = pick(dcfm.CONFIG, "toy").replace(n_train=3, n_test=2, iters=4, log_every=1, size=32, width=8)
+    return cfg.replace(**over)
+
+
+# ---------------------------------------------------------------- the view
+
+def test_distractor_groups_hold_one_common_object_and_one_distractor_each():
+    g = dcfm.DistractorGroups(2, group_size=6, seed=3)[1]
+    assert g["images"].shape == (6, 3, 64, 64) and g["masks"].dtype == torch.float32
+    assert (g["masks"].flatten(1).sum(1) > 0).all() and (g["distractors"].flatten(1).sum(1) > 0).all()
+    assert not (g["masks"] * g["distractors"]).any()
+    assert len(set(g["distractor_ids"].tolist())) == 6 and g["class_id"] not in g["distractor_ids"].tolist()
+    again = dcfm.DistractorGroups(2, group_size=6, seed=3)[1]
+    assert torch.equal(g["images"], again["images"])                    # deterministic
+    with pytest.raises(ValueError, match="lookalike"):
+        dcfm.DistractorGroups(1, lookalike=2.0)
+
+
+# ---------------------------------------------------------------- DPG, DFE, losses
+
+def test_dpg_invariants_and_device_agnostic_forward():
+    torch.manual_seed(0)
+    dpg = dcfm.DPG(16).eval()
+    o = dpg(torch.randn(3, 16, 4, 4))
+    assert (o["seeds"].flatten(1).sum(1) == 1).all() and o["proto"].shape == (1, 16, 1, 1)
+    assert torch.allclose(o["R"].amin((1, 2, 3)), torch.zeros(3)) and torch.allclose(o["R"].amax((1, 2, 3)), torch.ones(3))
+    dpg.train()
+    r_train = dpg(torch.randn(3, 16, 4, 4))["R"]
+    assert r_train.min() >= 0 and r_train.max() <= 1 + 1e-6
+
+
+def test_dpg_relu_only_in_eval():
+    xn = torch.nn.functional.normalize(torch.randn(2, 8, 3, 3), dim=1)
+    seeds = -xn[:, :, 0, 0]                                  # anti-correlated seeds: raw correlations mostly negative
+    ev, tr = dcfm.correlation_maps(xn, seeds, False), dcfm.correlation_maps(xn, seeds, True)
+    assert not torch.allclose(ev, tr)
+
+
+def test_rank_weights_boost_weak_positives_only():
+    S = torch.tensor([[[3.0, 2.0, 1.0, -1.0, -2.0]]])
+    assert dcfm.rank_weights(S).tolist() == [[[1.0, 8.0, 27.0, 1.0, 1.0]]]
+    assert dcfm.rank_weights(S, clamp=5.0).max() == 5.0
+
+
+def test_losses_are_in_range_and_scl_has_the_right_sign():
+    g = (torch.rand(2, 8, 8) > 0.5).float()
+    assert 0 <= dcfm.scale_iou([torch.randn(2, 1, 8, 8)] * 4, g) <= 8
+    p, pp, pn = torch.randn(3, 1, 8, 1, 1)
+    assert dcfm.scl_loss(p, pp, pn) > dcfm.scl_loss(0.5 * (p + pp), pp, pn)
+    assert dcfm.scl_loss(p, pp, pn) < dcfm.scl_loss(p, pp, p)                 # p close to p- costs more
+
+
+def test_cosod_meter_uses_raw_map_and_soft_gt_for_mae():
+    gt = torch.zeros(4, 4); gt[:2, :2] = 0.8
+    pred = torch.full((4, 4), 0.25)
+    r = dcfm.CoSODMeter().update(pred, gt).compute()
+    assert r["mae"] == pytest.approx((4 * 0.55 + 12 * 0.25) / 16)
+    with pytest.raises(ValueError, match="resize"):
+        dcfm.cosod_mae(torch.zeros(3, 3), torch.zeros(4, 4))
+
+
+def test_auroc_matches_pairwise_definition():
+    pos, neg = torch.tensor([0.9, 0.5, 0.5]), torch.tensor([0.5, 0.1])
+    pairs = [(float(a > b) + 0.5 * float(a == b)) for a in pos for b in neg]
+    assert dcfm.auroc(pos, neg) == pytest.approx(np.mean(pairs))
+
+
+# ---------------------------------------------------------------- model, breakages, configs
+
+def test_single_image_network_ignores_the_group_and_dcfm_does_not():
+    cfg = tiny()
+    x = dcfm.DistractorGroups(1, size=32)[0]["images"]
+    single = dcfm.build_model(cfg.replace(dpg=False, dfe=False)).eval()
+    net = dcfm.build_model(cfg).eval()
+    with torch.no_grad():
+        assert torch.allclose(single(x)["preds"][-1][:2], single(x[:2])["preds"][-1], atol=1e-5)
+        assert not torch.allclose(net(x)["preds"][-1][:2], net(x[:2])["preds"][-1], atol=1e-5)
+
+
+def test_mechanism_needs_dpg_and_breakages_change_the_seeds():
+    cfg = tiny()
+    groups = [dcfm.DistractorGroups(2, size=32)[i] for i in range(2)]
+    with pytest.raises(ValueError, match="no DPG"):
+        dcfm.mechanism(dcfm.build_model(cfg.replace(dpg=False)), groups)
+    net = dcfm.build_model(cfg)
+    m_all = dcfm.mechanism(net, groups, dcfm.all_seeds)
+    assert m_all["seeds_per_image"] == 16                                     # 4x4 x5 grid at 32 px
+    assert dcfm.mechanism(net, groups, dcfm.random_seeds)["seeds_per_image"] == 1
+    mixed = dcfm.shuffle_groups(groups)
+    assert torch.equal(mixed[0]["images"][1], groups[1]["images"][1])
+
+
+def test_bad_config_names_the_fix():
+    with pytest.raises(ValueError, match="'toy_cnn' or 'vgg16'"):
+        dcfm.build_model(tiny(backbone="vgg19"))
+    with pytest.raises(ValueError, match="'toy' or 'cosod'"):
+        dcfm.make_data(tiny(data="coco"))
+
+
+def test_vgg16_encoder_trains_conv5_3_only():
+    enc = dcfm.vgg16_encoder(pretrained=False)
+    assert [n for n, p in enc.named_parameters() if p.requires_grad] == ["stages.4.28.weight", "stages.4.28.bias"]   # features[28] = conv5_3
+    with torch.no_grad():
+        assert enc(torch.rand(1, 3, 64, 64))[4].shape == (1, 512, 4, 4)
+
+
+# ---------------------------------------------------------------- training: cache, resume, tour, bench
+
+def test_group_batches_shuffle_and_cache_follow_the_views():
+    cfg = tiny()
+    data = dcfm.make_data(cfg)
+    model = dcfm.build_model(cfg)
+    cache = dcfm.frozen_cache(model.encoder, data["train"], "dcfm-test")
+    torch.manual_seed(0)
+    for b in dcfm.GroupBatches(data["train"], 4, 5, True, cache):
+        with torch.no_grad():
+            ref = model.encoder.frozen(b["images"])
+        assert all(torch.allclose(a, r, atol=1e-5) for a, r in zip(b["frozen"], ref))
+    fixed = [id(b) for b in dcfm.GroupBatches(data["train"], 3, 5, shuffle=False)]
+    assert len(fixed) == 3
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAt:
+    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
+    def __init__(self, step):
+        self.step = step
+    def update(self, step, **_):
+        if step == self.step:
+            raise Stop
+    def close(self):
+        pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny(iters=4, ckpt_every=2)
+    data = dcfm.make_data(cfg)
+    ref = dcfm.train(cfg, data)["model"].state_dict()
+    ckpt = tmp_path / "dcfm.pt"
+    with pytest.raises(Stop):
+        dcfm.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.is_file()
+    resumed = dcfm.train(cfg, data, ckpt=ckpt)["model"].state_dict()
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_best_val_checkpoint_is_returned():
+    cfg = tiny(iters=3, val_every=1, n_val=2)
+    data = dcfm.make_data(cfg)
+    run = dcfm.train(cfg, data)
+    vals = [r["val_sm"] for r in run["history"].records if "val_sm" in r]
+    assert len(vals) == 3
+    assert dcfm.evaluate(run["model"], data["val"])["sm"] == pytest.approx(max(vals), abs=1e-9)
+
+
+def test_tour_returns_the_baseline_and_forwards_ckpt(tmp_path, monkeypatch):
+    monkeypatch.setitem(dcfm.CONFIG, "toy", dict(dcfm.CONFIG["toy"], n_train=2, n_test=1, iters=2, size=32, width=8))
+    out = dcfm.tour("toy", ckpt=tmp_path / "dcfm-toy.pt")
+    assert (tmp_path / "dcfm-toy.pt").is_file() and (tmp_path / "dcfm-toy-single-image.pt").is_file()
+    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(out)
+    assert isinstance(out["baseline_name"], str) and 0 <= out["baseline"] <= 1
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bench_case_runs_one_step(cached):
+    cfg = tiny(device="cpu")
+    case = dcfm.bench_case(cfg, cached)
+    assert case["batch"] == cfg.max_num and dcfm.BENCH_HAS_CACHE
+    case["run"]()
+
+
+def test_toy_config_keeps_amp_off():
+    assert pick(dcfm.CONFIG, "toy").get("amp") in (None, False)
+
+
+# ---------------------------------------------------------------- the full config, one step, real sample
+
+def test_coco128_groups_from_the_real_sample():
+    root = dcfm.coco128_sample_root()
+    if root is None:
+        pytest.skip("real COCO128-seg sample absent: set SEGLAB_SHARED_DATA to the folder holding coco128_seg/")
+    groups = dcfm.coco128_groups(root, size=64)
+    assert len(groups) >= 5 and all(5 <= len(g["images"]) <= 16 for g in groups)
+    present = torch.cat([g["masks"].flatten(1).amax(1) for g in groups])
+    assert present.mean() > 0.9                          # (tiny objects may vanish in the 64-px nearest resize)
+    assert groups[0]["meta"]["dataset"] == "coco128_seg"
+
+
+@pytest.mark.skipif(not SLOW, reason="slow (one 224-px VGG16 step on 16 images plus val scoring: minutes on a CPU): run with SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_real_coco128_sample():
+    root = dcfm.coco128_sample_root()
+    if root is None:
+        pytest.skip("real COCO128-seg sample absent: set SEGLAB_SHARED_DATA to the folder holding coco128_seg/")
+    cfg = pick(dcfm.CONFIG, "full").replace(root=root, iters=1, pretrained=False, test_sets=())
+    data = dcfm.make_data(cfg)
+    assert data["train"][0]["images"].shape[1:] == (3, 224, 224) and len(data["val"]) == cfg.n_val
+    run = dcfm.train(cfg, data)
+    rec = run["history"].records
+    assert {"iou", "scl"} <= set(rec[0]) and np.isfinite(rec[0]["loss"])
+    scores = dcfm.evaluate(run["model"], data["val"][:1])
+    assert 0 <= scores["sm"] <= 1
