@@ -22,7 +22,7 @@ import torch
 # %% auto #0
 __all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'thread_count',
            'set_threads', 'Cfg', 'pick', 'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum',
-           'atomic_path', 'reset_clock', 'run_stamp']
+           'atomic_path', 'remove_orphan', 'reset_clock', 'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -192,13 +192,26 @@ def sha256sum(path: str | Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+def _lock(fd: int, blocking: bool = True) -> bool:
+    "An exclusive advisory lock on open file `fd` (released when the fd is closed or its process dies); False if held."
+    try:
+        import fcntl
+    except ImportError:   # Windows: no advisory locks; callers fall back to the file's age
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    "Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it. The temporary is
+    locked (`flock`) while it is written, so a cleaner can tell a live writer's file from a killed writer's orphan."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _lock(fd)
     tmp = Path(tmp)
     try:
         yield tmp
@@ -206,6 +219,28 @@ def atomic_path(path: str | Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+
+def remove_orphan(tmp: str | Path, min_age: float = 3600.0) -> bool:
+    """Delete temporary `tmp` left by a killed `atomic_path` writer; a live writer's file (locked, or, where locks do
+    not exist, younger than `min_age` seconds) is kept. Returns whether it was deleted."""
+    tmp = Path(tmp)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            import fcntl  # noqa: F401
+            orphan = _lock(fd, blocking=False)
+        except ImportError:
+            orphan = time.time() - tmp.stat().st_mtime > min_age
+        if orphan:
+            tmp.unlink(missing_ok=True)
+        return orphan
+    finally:
+        os.close(fd)
 
 # %% ../nbs/00_foundations/00_config.ipynb #031399b3
 _T0 = time.time()

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .config import atomic_path, cache_root, get_device, run_stamp, seed_everything, sha256sum
+from .config import atomic_path, cache_root, get_device, remove_orphan, run_stamp, seed_everything, sha256sum
 
 # %% auto #0
 __all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'CheckpointError',
@@ -175,12 +175,11 @@ def verify_checkpoint(path: str | Path) -> str:
     return expected
 
 def _clean_temporaries(path: Path) -> list[Path]:
-    "Delete the temporaries `.<name>.XXXXXXXX.tmp` that a killed save of `path` left beside it (one writer per path)."
+    """Delete the temporaries `.<name>.XXXXXXXX.tmp` that a killed save of `path` left beside it; another process's
+    save in progress (its temporary is locked) is left alone."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
-    stale = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)] if path.parent.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)] if path.parent.is_dir() else []
+    return [p for p in found if remove_orphan(p)]
 
 def _fsync_dir(folder: Path) -> None:
     "Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."

@@ -192,3 +192,32 @@ def test_fit_refuses_no_training(length):
     with pytest.raises(ValueError, match="Fix:"):
         fit(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), BATCHES, torch.optim.SGD(model.parameters(), 0.1),
             device="cpu", **length)
+
+
+HOLD_SAVE = """
+import sys, time, torch
+from seglab.engine import save_checkpoint
+real_save = torch.save
+def slow_save(obj, f):  # a live writer: the temporary exists (and is locked) for a few seconds
+    real_save(obj, f)
+    print("writing", flush=True)
+    time.sleep(4)
+torch.save = slow_save
+save_checkpoint(sys.argv[1], dict(w=torch.zeros(10), step=7))
+"""
+
+
+def test_a_concurrent_save_keeps_the_other_writers_temporary(tmp_path):
+    "Two processes writing the same cache entry: the second save must not delete the first one's temporary."
+    path = tmp_path / "entry.pt"
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_SAVE)
+    writer = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    assert writer.stdout.readline().strip() == "writing"
+    live = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(live) == 1
+    save_checkpoint(path, dict(w=torch.ones(3), step=1))   # runs _clean_temporaries while the other writer is live
+    assert live[0].exists(), "a live writer's temporary was deleted"
+    assert writer.wait(timeout=120) == 0, "the other writer crashed"
+    assert load_checkpoint(path)["step"] == 7 and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
