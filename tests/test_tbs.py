@@ -1,0 +1,135 @@
+"""TBS chapter (`seglab.methods.tbs`): resume, tour checkpoints, bench case, the breakage variants of the
+mechanism check, and the full CONFIG for one step at full size on the real VOC samples laid out as PASCAL-5i."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seglab.config import pick
+from seglab.methods import tbs
+
+DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+VOC = DATA / "voc_samples"
+VAL_STEMS = ("voc2012val_crop_001", "voc2012val_crop_114")          # classes 1 (aeroplane) and 3 (bird): fold 0's test
+
+
+def pascal5i_layout(root: Path, copies: int = 4) -> None:
+    """The VOC samples laid out as the registry lays out PASCAL-5i (`voc2012/VOCdevkit/VOC2012` with val.txt,
+    `voc_aug/SegmentationClassAug`, `pascal5i/voc_sbd_merge_noduplicate.txt`), each sample `copies` times (odd
+    copies flipped) so that every class has several images."""
+    voc = root / "voc2012" / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    aug = root / "voc_aug" / "SegmentationClassAug"
+    aug.mkdir(parents=True)
+    (root / "pascal5i").mkdir()
+    val, train = [], []
+    for p in sorted((VOC / "JPEGImages").glob("*.jpg")):
+        im, lab = Image.open(p), Image.open(VOC / "SegmentationClass" / f"{p.stem}.png")
+        for k in range(copies):
+            sid = f"{p.stem}_{k}"
+            a, b = (im, lab) if k % 2 == 0 else (im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT))
+            a.save(voc / "JPEGImages" / f"{sid}.jpg")
+            for d in (voc / "SegmentationClass", aug):
+                b.save(d / f"{sid}.png")
+            (val if p.stem in VAL_STEMS else train).append(sid)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val) + "\n")
+    (root / "pascal5i" / "voc_sbd_merge_noduplicate.txt").write_text(
+        "".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in train))
+
+
+# --- resume contract -----------------------------------------------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+class StopAt:
+    def __init__(self, step): self.step = step
+    def update(self, step, **_):
+        if step >= self.step:
+            raise Stop
+    def close(self): pass
+
+
+def small(**changes):
+    return pick(tbs.CONFIG, "toy").replace(steps=6, ckpt_every=2, n_train=6, n_test=4, batch=4, **changes)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = small()
+    ref, _ = tbs.train(cfg)
+    ckpt = tmp_path / "tbs.pt"
+    with pytest.raises(Stop):
+        tbs.train(cfg, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.exists()                                              # saved at step 2
+    resumed, hist = tbs.train(cfg, ckpt=ckpt)
+    assert hist.records[-1]["step"] == 6
+    ra, rb = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_tour_returns_the_contract_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setitem(tbs.CONFIG, "toy", dict(tbs.CONFIG["toy"], steps=2, n_train=4, n_test=3, batch=4))
+    ckpt = tmp_path / "tbs-toy.pt"
+    first = tbs.tour("toy", ckpt=ckpt)
+    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(first)
+    assert isinstance(first["baseline_name"], str) and 0 <= first["baseline"] <= 1 and 0 <= first["value"] <= 1
+    assert ckpt.exists() and (tmp_path / "tbs-toy-dcama.pt").exists()
+    second = tbs.tour("toy", ckpt=ckpt)                              # both runs finished: resumed as they are
+    assert (second["value"], second["baseline"]) == (first["value"], first["baseline"])
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bench_case_takes_a_step(cached, monkeypatch):
+    assert tbs.BENCH_HAS_CACHE
+    built = []
+    orig = tbs.build_model
+    monkeypatch.setattr(tbs, "build_model", lambda cfg: built.append(orig(cfg)) or built[-1])
+    case = tbs.bench_case(pick(tbs.CONFIG, "toy").replace(batch=2), cached=cached)
+    model = built[0]
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    case["run"]()
+    assert case["batch"] == 2 and len(calls) == (0 if cached else 2)
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+
+
+# --- the mechanism check fails under each breakage (untrained weights: |w|-initialised ScoreMap) -------------------
+def test_breakages_change_the_scores():
+    torch.manual_seed(0)
+    cfg = pick(tbs.CONFIG, "toy")
+    model = tbs.build_model(cfg).eval()
+    eps = tbs.make_episodes(cfg, False, 6, 1, "look-alike + shared bg")
+    batches = tbs.test_batches(model.encoder, eps, cache=False)
+    b = next(iter(batches))
+    i = model.last[2]
+    f_q, f_s, mask = b["f_q"][i].float(), b["f_s"][i][:, 0].float(), b["support_masks"][:, 0]
+    r = {v: tbs.layer_scores(model, f_q, f_s, mask, 2, v, torch.Generator().manual_seed(0)) for v in tbs.BREAKAGES}
+    assert torch.equal(r["off"], torch.ones_like(r["off"]))
+    assert not torch.allclose(r["tbs"], r["flipped"]) and not torch.allclose(r["tbs"], r["random"])
+    assert not torch.allclose(r["tbs"], r["misaligned"])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        tbs.layer_scores(model, f_q, f_s, mask, 2, "sideways")
+
+
+# --- the full CONFIG, one step at full size on real VOC samples ----------------------------------------------------
+@pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
+@pytest.mark.skipif("slow" not in os.environ.get("SEGLAB_FLAGS", "").split(),
+                    reason="slow (ResNet-50 at 320 px on CPU, over a minute on the shared 2-core CPU): SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_real_samples(tmp_path):
+    pascal5i_layout(tmp_path)
+    full = pick(tbs.CONFIG, "full")
+    cfg = full.replace(data_root=str(tmp_path / "voc2012"), pretrained=False, steps=1)
+    changed = ("data_root", "steps", "pretrained")
+    assert {k: v for k, v in cfg.items() if k not in changed} == {k: v for k, v in full.items() if k not in changed}
+    model, hist = tbs.train(cfg)
+    assert len(hist.records) == 1 and np.isfinite(hist.records[0]["loss"])
+    assert model.encoder.input_size == 320 and len(model.stage_ids) == 16          # ResNet-50: 3+4+6+3 blocks
+    test = tbs.make_episodes(cfg, False, 2, 1)
+    assert test[0]["support_images"].shape == (1, 3, 320, 320)
+    r = tbs.evaluate(model, cfg, tbs.test_batches(model.encoder, test, batch=2, cache=False))
+    assert set(r["iou"]) == {1, 2, 3, 4, 5} and 0 <= r["miou"] <= 1
