@@ -192,12 +192,13 @@ def sha256sum(path: str | Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-def _lock(fd: int, blocking: bool = True) -> bool:
-    "An exclusive advisory lock on open file `fd` (released when the fd is closed or its process dies); False if held."
+def _lock(fd: int, blocking: bool = True) -> bool | None:
+    """An exclusive advisory lock on open file `fd` (released when the fd is closed or its process dies): True when
+    taken, False when another process holds it, None where there are no such locks (Windows)."""
     try:
         import fcntl
-    except ImportError:   # Windows: no advisory locks; callers fall back to the file's age
-        return True
+    except ImportError:   # callers fall back to the file's age
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         return True
@@ -231,10 +232,8 @@ def remove_orphan(tmp: str | Path, min_age: float = 3600.0) -> bool:
     except FileNotFoundError:
         return False
     try:
-        try:
-            import fcntl  # noqa: F401
-            orphan = _lock(fd, blocking=False)
-        except ImportError:
+        orphan = _lock(fd, blocking=False)
+        if orphan is None:
             orphan = time.time() - tmp.stat().st_mtime > min_age
         if orphan:
             tmp.unlink(missing_ok=True)

@@ -14,15 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import (IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, masked_average_pooling, normalize,
-                              toy_cnn)
+from ..backbones import IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, normalize, toy_cnn
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
-from ..engine import History, derive_seed, fit, to_device
+from ..engine import derive_seed, fit, to_device
 from ..fewshot import FrozenReader, epoch_loader, matching_probe, resize_input
 from ..metrics import FewShotIoU
-from ..toyworld import (CLASS_NAMES, FOLDS, FewShotEpisodes, collate, copy_appearance, lookalikes,
-                             render_scene, sample_scene)
+from ..toyworld import (FOLDS, FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
+                             sample_scene)
 
 # %% auto #0
 __all__ = ['CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
