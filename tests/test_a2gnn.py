@@ -11,6 +11,8 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import a2gnn
 
+from interrupt import Stop, StopAt
+
 VOC = sample_data_dir() / "voc_samples"
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
@@ -74,21 +76,6 @@ def test_l_aff_decreases_on_toy_seeds():
     h = a2gnn.train(cfg)["history"]
     losses = [r["loss"] for r in (h.records if hasattr(h, "records") else h) if "loss" in r]
     assert losses[-1] < losses[0]
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
-    def __init__(self, step):
-        self.step = step
-    def update(self, step, **_):
-        if step == self.step:
-            raise Stop
-    def close(self):
-        pass
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -16,6 +16,8 @@ from seglab.data import download as dl
 from seglab.data.datasets import ACDCSlices, ACDCVolumes, DatasetNotFoundError
 from seglab.methods import abd
 
+from interrupt import Stop, StopAt
+
 OFFICIAL_10PCT = ["patient099", "patient038", "patient050", "patient100", "patient058", "patient021", "patient049"]
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
@@ -184,21 +186,6 @@ def test_best_val_checkpoint_is_returned():
     got = abd.evaluate(run["model"], cfg, data["val"])["dice"]
     assert got == pytest.approx(max(vals), abs=1e-9)
     assert "val" not in abd.make_data(tiny())          # toy profile: last weights, no val volumes built
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
-    def __init__(self, step):
-        self.step = step
-    def update(self, step, **_):
-        if step == self.step:
-            raise Stop
-    def close(self):
-        pass
 
 
 def test_resume_equals_uninterrupted(tmp_path):

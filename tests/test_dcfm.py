@@ -10,6 +10,8 @@ import torch
 from seglab.config import pick
 from seglab.methods import dcfm
 
+from interrupt import Stop, StopAt
+
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
 
@@ -135,21 +137,6 @@ def test_group_batches_shuffle_and_cache_follow_the_views():
         assert all(torch.allclose(a, r, atol=1e-5) for a, r in zip(b["frozen"], ref))
     fixed = [id(b) for b in dcfm.GroupBatches(data["train"], 3, 5, shuffle=False)]
     assert len(fixed) == 3
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
-    def __init__(self, step):
-        self.step = step
-    def update(self, step, **_):
-        if step == self.step:
-            raise Stop
-    def close(self):
-        pass
 
 
 def test_resume_equals_uninterrupted(tmp_path):

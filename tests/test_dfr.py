@@ -11,6 +11,8 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import dfr
 
+from interrupt import Stop, StopAt
+
 VOC = sample_data_dir() / "voc_samples"
 needs_voc = pytest.mark.skipif(not (VOC / "JPEGImages").is_dir(),
                                reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
@@ -141,19 +143,6 @@ def test_scribble_from_mask_labels_only_true_pixels():
 
 
 # ---------------------------------------------------------------- training, resume, CLI
-
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-    def update(self, step, **_):
-        if step == self.step:
-            raise Stop
-    def close(self):
-        pass
 
 
 def test_resume_equals_uninterrupted(tmp_path, data):

@@ -15,6 +15,8 @@ from seglab.fewshot import ImageDrivenEpisodes, feature_batches
 from seglab.methods import scl
 from seglab.toyworld import FewShotEpisodes, collate
 
+from interrupt import Stop, StopAt
+
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 VOC = DATA / "voc_samples"
 needs_voc = pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
@@ -144,17 +146,6 @@ def test_evaluation_encodes_the_test_set_once():
 
 
 # --- item 6: resume contract -------------------------------------------------------------------------------------
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    def __init__(self, step): self.step = step
-    def update(self, step, **_):
-        if step >= self.step:
-            raise Stop
-    def close(self): pass
-
 
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = pick(scl.CONFIG, "toy").replace(steps=6, ckpt_every=2, n_train=8, batch=4)

@@ -11,6 +11,8 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import scwssod as sc
 
+from interrupt import Stop, StopAt
+
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
 
@@ -106,23 +108,6 @@ def test_train_and_evaluate_toy():
     assert {"pce", "lsc", "ssc"} <= set(rec[0]) and np.isfinite(rec[-1]["loss"])
     scores = sc.evaluate(run["model"], cfg, run["data"]["test"])
     assert 0 <= scores["fm"] <= 1 and 0 <= scores["mae"] <= 1 and "far_recall" in scores
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    "A callback that interrupts the run at `step` (after the checkpoint of the step before was written)."
-    def __init__(self, step):
-        self.step = step
-
-    def update(self, step, **_):
-        if step == self.step:
-            raise Stop
-
-    def close(self):
-        pass
 
 
 def test_resume_equals_uninterrupted(tmp_path):

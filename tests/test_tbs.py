@@ -11,6 +11,8 @@ from PIL import Image
 from seglab.config import pick
 from seglab.methods import tbs
 
+from interrupt import Stop, StopAt
+
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 VOC = DATA / "voc_samples"
 VAL_STEMS = ("voc2012val_crop_001", "voc2012val_crop_114")          # classes 1 (aeroplane) and 3 (bird): fold 0's test
@@ -42,17 +44,6 @@ def pascal5i_layout(root: Path, copies: int = 4) -> None:
 
 
 # --- resume contract -----------------------------------------------------------------------------------------------
-class Stop(Exception):
-    pass
-
-
-class StopAt:
-    def __init__(self, step): self.step = step
-    def update(self, step, **_):
-        if step >= self.step:
-            raise Stop
-    def close(self): pass
-
 
 def small(**changes):
     return pick(tbs.CONFIG, "toy").replace(steps=6, ckpt_every=2, n_train=6, n_test=4, batch=4, **changes)
