@@ -21,7 +21,7 @@ __all__ = ['EPS', 'IOU_THRESHOLDS', 'LENGTH_GROUPS', 'HL_LEVELS', 'confusion_mat
            'threshold_counts', 'f_beta', 'pr_curve', 'f_adaptive', 'enhanced_alignment', 'e_curve', 'e_adaptive',
            'weighted_f', 's_measure', 'SaliencyMeter', 'seg2bmap', 'disk', 'region_j', 'boundary_f', 'db_statistics',
            'davis_objects', 'davis_summary', 'temporal_iou', 'interpolated_ap', 'moment_ap', 'ranking_ap',
-           'clip_labels', 'mr_metrics', 'hl_metrics', 'qvhighlights_eval', 'mean_ci95']
+           'clip_labels', 'mr_metrics', 'hl_metrics', 'qvhighlights_eval', 'mean_ci95', 'auroc']
 
 # %% ../nbs/00_foundations/04_metrics.ipynb #9a208d1d
 def _check_ids(x: torch.Tensor, keep: torch.Tensor, hi: int, what: str, fix: str):
@@ -581,3 +581,17 @@ def mean_ci95(values) -> tuple[float, float]:
     if v.size < 2:
         raise ValueError("a confidence interval needs at least two episodes.")
     return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.size))
+
+# %% ../nbs/00_foundations/04_metrics.ipynb #000ecf39
+def auroc(scores, positive) -> float:
+    "AUROC of `scores` for the `positive` (bool) entries against the rest (ties count 1/2); nan if one side is empty."
+    s = torch.as_tensor(scores).double().flatten()
+    p = torch.as_tensor(positive).bool().flatten()
+    if s.shape != p.shape:
+        raise ValueError(f"auroc: {s.numel()} scores but {p.numel()} labels; pass one label per score")
+    n1, n0 = int(p.sum()), int((~p).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inv, counts = s.unique(return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0).double() - (counts.double() - 1) / 2)[inv]      # average rank of each tie group
+    return float((ranks[p].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
