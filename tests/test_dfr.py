@@ -128,13 +128,6 @@ def test_scribble_check_catches_misalignment(data):
     assert not set(bilinear.unique().tolist()) <= set(full["scribble"].unique().tolist())   # bilinear invents labels
 
 
-def test_auroc_matches_definition():
-    s = torch.tensor([0.1, 0.4, 0.35, 0.8]); p = torch.tensor([False, False, True, True])
-    assert dfr.auroc(s, p) == pytest.approx(0.75)
-    assert dfr.auroc(torch.ones(4), p) == pytest.approx(0.5)
-    assert math.isnan(dfr.auroc(s, torch.zeros(4, dtype=torch.bool)))
-
-
 def test_scribble_from_mask_labels_only_true_pixels():
     m = torch.zeros(40, 40, dtype=torch.long); m[10:30, 10:30] = 7; m[0:3] = 255
     s = dfr.scribble_from_mask(m)

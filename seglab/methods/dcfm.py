@@ -19,7 +19,7 @@ from ..config import atomic_path, get_device, get_profile, pick, seed_everything
 from ..data.datasets import CoSaliencyGroups as CoSODFolders
 from ..data.datasets import YOLOSegmentation, read_image, resize_image, resize_mask, sample_data_dir
 from ..engine import fit
-from ..metrics import SaliencyMeter
+from ..metrics import auroc, SaliencyMeter
 from ..toyworld import NUM_CLASSES, NUM_STUFF, ToyDataset, lookalikes, render_scene, sample_object, sample_scene
 
 # %% auto #0
@@ -28,8 +28,8 @@ __all__ = ['VGG_STAGES', 'CONFIG', 'BENCH_HAS_CACHE', 'DistractorGroups', 'Encod
            'iou_loss', 'scale_iou', 'scl_loss', 'build_model', 'dcfm_losses', 'train_step', 'cosod_mae', 'CoSODMeter',
            'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root', 'split_groups',
            'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features', 'consensus_map',
-           'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'auroc', 'mechanism',
-           'random_seeds', 'argmin_seeds', 'all_seeds', 'shuffle_groups', 'tour', 'bench_case']
+           'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'mechanism', 'random_seeds',
+           'argmin_seeds', 'all_seeds', 'shuffle_groups', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #790a2841
 def _place(rng: np.random.Generator, size: int, r1: float, r2: float, gap: float = 1.25, tries: int = 200):
@@ -550,16 +550,6 @@ def chance_scores(groups: list[dict]) -> dict:
     return score_maps([torch.full_like(g["masks"], 0.5) for g in groups], groups)
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #ef7dde9b
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    "Area under the ROC curve of scores `pos` against `neg` (Mann-Whitney, ties count one half)."
-    pos, neg = pos.flatten().double(), neg.flatten().double()
-    if not len(pos) or not len(neg):
-        return float("nan")
-    allv = torch.cat([pos, neg])
-    _, inv, counts = allv.unique(return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0).double() - (counts.double() - 1) / 2)[inv]      # average ranks (ties share)
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
 @torch.no_grad()
 def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
     """DPG against ToyWorld's truth on groups with `distractors`: **seed precision** (of the seeds that land on one
@@ -582,7 +572,8 @@ def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
         n_seeds += int(on.sum())
         Rup = F.interpolate(R, size=g["masks"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         for r, m, d in zip(Rup, g["masks"], g["distractors"]):
-            aucs.append(auroc(r[m > 0.5], r[d > 0.5]))
+            sel = (m > 0.5) | (d > 0.5)
+            aucs.append(auroc(r[sel], (m > 0.5)[sel]))
     return dict(seed_precision=hit / max(hit + miss, 1), on_object=(hit + miss) / max(n_seeds, 1),
                 r_auroc=float(np.nanmean(aucs)), seeds_per_image=n_seeds / sum(len(g["masks"]) for g in groups))
 

@@ -18,7 +18,7 @@ from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import VOCSegmentation, sample_data_dir
 from ..engine import fit, lr_schedule, tensor_batches
-from ..metrics import ConfusionMatrix
+from ..metrics import auroc, ConfusionMatrix
 from ..toyworld import NUM_CLASSES, NUM_STUFF, SemanticScenes, scribble_of
 
 # %% auto #0
@@ -26,8 +26,8 @@ __all__ = ['CONFIG', 'METHODS', 'BENCH_HAS_CACHE', 'toy_data', 'partial_ce', 'sc
            'valid_pairs', 'local_kernel', 'reg_loss', 'grid_image', 'shallow_kernel', 'DFRDecoder', 'backbone_norm',
            'DFRNet', 'build_backbone', 'build_model', 'deep_kernel', 'dfr_kernel', 'fc_affinity', 'fc_loss',
            'dfr_losses', 'train_step', 'toy_features', 'voc_root', 'scribble_from_mask', 'voc_data', 'make_data',
-           'train', 'predict', 'evaluate', 'chance_miou', 'pixel_baselines', 'boundary_error_share', 'auroc',
-           'kernel_mechanism', 'val_reg', 'scribble_agreement', 'window_weights', 'show_window', 'tour', 'bench_case']
+           'train', 'predict', 'evaluate', 'chance_miou', 'pixel_baselines', 'boundary_error_share', 'kernel_mechanism',
+           'val_reg', 'scribble_agreement', 'window_weights', 'show_window', 'tour', 'bench_case']
 
 # %% ../../nbs/20_weak/22_dfr.ipynb #c03e6972
 CONFIG = dict(
@@ -358,19 +358,6 @@ def boundary_error_share(pred: torch.Tensor, mask: torch.Tensor, band: int = 2) 
     return float((wrong & near).sum() / wrong.sum().clamp_min(1))
 
 # %% ../../nbs/20_weak/22_dfr.ipynb #a0a3a100
-def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    "Area under the ROC curve of `scores` for `positive` (bool) pairs versus the rest (ties count 1/2); nan if one side is empty."
-    s, p = scores.double().flatten(), positive.flatten()
-    n1, n0 = int(p.sum()), int((~p).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    order = s.argsort()
-    ranks = torch.empty_like(s); ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.double)
-    uniq, inv = s.unique(return_inverse=True)                       # average the ranks of ties
-    ranks = (torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, ranks)
-             / torch.bincount(inv, minlength=len(uniq)).double())[inv]
-    return float((ranks[p].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
 @torch.no_grad()
 def kernel_mechanism(model: DFRNet, val: dict, cfg, n: int = 64) -> dict:
     """AUROC of the shallow and the deep kernel for same- vs different-class window pairs (ToyWorld truth) on `n` val

@@ -13,22 +13,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..backbones import IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, normalize, toy_cnn
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import derive_seed, fit, to_device
 from ..fewshot import FrozenReader, epoch_loader, matching_probe, resize_input
-from ..metrics import FewShotIoU
+from ..metrics import auroc, FewShotIoU
 from ..toyworld import (FOLDS, FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
                              sample_scene)
 
 # %% auto #0
-__all__ = ['CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
-           'PositionalEncoding', 'MaskAttention', 'CrossAttention', 'ScoreMap', 'soft_mask', 'background_scores',
-           'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce', 'episode_blocks', 'train_step',
-           'fold_class_ids', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches', 'train', 'evaluate_runs',
-           'evaluate', 'chance', 'probe_batches', 'auroc', 'layer_scores', 'suppression_auroc', 'tour', 'bench_case']
+__all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
+           'recompute', 'PositionalEncoding', 'MaskAttention', 'CrossAttention', 'ScoreMap', 'soft_mask',
+           'background_scores', 'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce', 'episode_blocks',
+           'train_step', 'fold_class_ids', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches', 'train',
+           'evaluate_runs', 'evaluate', 'chance', 'probe_batches', 'layer_scores', 'suppression_auroc', 'tour',
+           'bench_case']
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #892fc2fb
 class TBSEpisodes(FewShotEpisodes):
@@ -98,6 +100,15 @@ def build_encoder(cfg) -> BlockEncoder:
     return BlockEncoder(_frozen(cnn, IMAGENET_NORM), cfg.input_size)
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #160d9ec0
+MAX_STORED = 2 ** 20  # attention entries a training step may keep for backward; larger ones are recomputed
+
+def recompute(elems: int) -> bool:
+    """Whether a step whose attention has `elems` entries runs under activation checkpointing: only while gradients
+    are recorded and above `MAX_STORED` (the full profile: ResNet-50 at 320 px keeps 1600 x 3200 attention maps per
+    head and block, over 20 GB at batch 8 on stage 2 alone, and stage 3's cross-attentions another 4 GB; the toy
+    profile's maps are far smaller and stay stored, so its runs are unchanged)."""
+    return torch.is_grad_enabled() and elems > MAX_STORED
+
 class PositionalEncoding(nn.Module):
     """DCAMA's positional encoding: the 1-D sine/cosine table of "Attention is all you need" indexed by the position in
     the **flattened** h*w sequence (not a 2-D encoding), added to the tokens, then dropout (`transformer.py:104-124`)."""
@@ -119,7 +130,10 @@ class MaskAttention(nn.Module):
     queries, support pixels as keys (each through a biased Linear) and the support **mask** as the value of every head;
     the heads' outputs are averaged, giving one coarse mask value per query pixel (`transformer.py:9-41`). The two
     Linears start **equal** (`clones` deep-copies one Linear, `transformer.py:17, 140-142`): at initialisation the
-    logits are q^T W^T W k, a similarity of the features, so the attention matches from the first step."""
+    logits are q^T W^T W k, a similarity of the features, so the attention matches from the first step.
+    A training step whose attention [B,heads,Nq,Ns] is larger than `MAX_STORED` computes one head at a time under
+    activation checkpointing (`recompute`): the same function (each head draws its own dropout mask), one head's
+    matrices in memory."""
     def __init__(self, dim: int, heads: int = 8, dropout: float = 0.5):
         super().__init__()
         if dim % heads:
@@ -134,8 +148,17 @@ class MaskAttention(nn.Module):
         B, Nq, C = query.shape
         q = self.wq(query).view(B, Nq, self.heads, -1).transpose(1, 2)
         k = self.wk(key).view(B, key.shape[1], self.heads, -1).transpose(1, 2)
-        attn = self.dropout((q @ k.transpose(-2, -1) / math.sqrt(C // self.heads)).softmax(-1))
-        return (attn @ mask[:, None, :, None]).mean(1)[..., 0]
+        v = mask[:, None, :, None].to(q.dtype)
+        if not recompute(q.numel() // q.shape[-1] * k.shape[2]):
+            return self._attend(q, k, v).mean(1)[..., 0]
+        heads = [checkpoint(self._attend, q[:, h:h + 1], k[:, h:h + 1], v, use_reentrant=False)
+                 for h in range(self.heads)]
+        return torch.cat(heads, 1).mean(1)[..., 0]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        "dropout(softmax(q k^T / sqrt(d))) v for heads q [B,h,Nq,d], k [B,h,Ns,d], mask values v [B,1,Ns,1]."
+        attn = self.dropout((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1))
+        return attn @ v
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #091fc219
 class CrossAttention(nn.Module):
@@ -185,13 +208,17 @@ def background_scores(ca: CrossAttention, smap: ScoreMap, f_q: torch.Tensor, f_s
                       m: torch.Tensor) -> dict:
     """TBS's scores of one support layer (`DCAMA.py:102-146`), f_q, f_s [B,C,h,w], soft mask m [B,h,w]:
     R^Q = cos(CA(F^S, F^Q, F^Q), E(F^S)); R^T = cos(CA(F^S, F^O, F^O), E(F^S)) with F^O = F^S * M (keys not masked
-    out: background enters the softmax as zero vectors); R^B = (R^Q - R^T) * (1 - M); R~ = ScoreMap(R^B). All [B,h,w]."""
+    out: background enters the softmax as zero vectors); R^B = (R^Q - R^T) * (1 - M); R~ = ScoreMap(R^B). All [B,h,w].
+    Large training steps recompute each cross-attention in backward instead of storing it (`recompute`)."""
     B, C, h, w = f_s.shape
     tok = lambda x: x.flatten(2).transpose(1, 2)
     s, q, o = tok(f_s), tok(f_q), tok(f_s * m[:, None])
     e = ca.embed(s)
-    r_q = F.cosine_similarity(ca(s, q, q), e, dim=-1)
-    r_t = F.cosine_similarity(ca(s, o, o), e, dim=-1)
+    relevance = lambda keys: F.cosine_similarity(ca(s, keys, keys), e, dim=-1)      # cos(CA(F^S, K, K), E(F^S))
+    if recompute(B * (h * w) ** 2):
+        r_q, r_t = (checkpoint(relevance, x, use_reentrant=False) for x in (q, o))
+    else:
+        r_q, r_t = relevance(q), relevance(o)
     r_b = (r_q - r_t) * (1 - m.flatten(1))
     shape = lambda x: x.view(B, h, w)
     return dict(r_q=shape(r_q), r_t=shape(r_t), r_b=shape(r_b), r=shape(smap(r_b)))
@@ -467,15 +494,8 @@ def probe_batches(batches, stages=(2, 3), stage_ids=None):
                  query_mask=b["query_mask"], class_id=b["class_id"]) for b in batches)
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #91bf89aa
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    "P(a random `pos` score > a random `neg` score) (ties count half): the rank-sum AUROC."
-    pos, neg = pos.flatten().double(), neg.flatten().double()
-    if not len(pos) or not len(neg):
-        return float("nan")
-    _, inv, counts = torch.unique(torch.cat([pos, neg]), return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = (ends - (counts.double() - 1) / 2)[inv]   # 1-based ranks, ties averaged
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+#| export
+
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #f73f05ed
 BREAKAGES = ("tbs", "off", "random", "flipped", "misaligned")
@@ -525,7 +545,7 @@ def suppression_auroc(model: TBSNet, batches: list[dict], variant: str = "tbs", 
             sh, la = _cells(b["support_shared_bg"][:, 0], r.shape[-2:]), _cells(b["support_lookalikes"][:, 0], r.shape[-2:])
             shared.append(r[(sh >= 0.75) & (fg == 0)]); look.append(r[(la >= 0.5) & (fg < 0.25)])
         shared, look = torch.cat(shared), torch.cat(look)
-        out[st] = dict(auroc=auroc(shared, look), r_shared=float(shared.mean()), r_lookalike=float(look.mean()),
+        out[st] = dict(auroc=auroc(torch.cat([shared, look]), torch.arange(len(shared) + len(look)) < len(shared)), r_shared=float(shared.mean()), r_lookalike=float(look.mean()),
                        n_shared=len(shared), n_lookalike=len(look))
     return out
 
