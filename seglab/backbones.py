@@ -29,9 +29,9 @@ __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EF
            'cnn_stages', 'cnn_features', 'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features',
            'clip_text_classifier', 'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior',
            'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
-           'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points', 'features_at',
-           'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip', 'toy_cnn', 'toy_cnn_shape', 'patch_labels',
-           'knn_patch_predict']
+           'object_spec', 'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points',
+           'features_at', 'contrastive_vit', 'reappear', 'rerendered_pairs', 'pretrain_toy', 'load_toy', 'toy_vit',
+           'toy_clip', 'toy_cnn', 'toy_cnn_shape', 'toy_vit_xi', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -292,7 +292,7 @@ def masked_support_prior(query_feats: torch.Tensor, support_feats: torch.Tensor,
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64
-TOY_STEPS = dict(vit=500, clip=500, cnn=300, cnn_shape=1200)
+TOY_STEPS = dict(vit=500, clip=500, cnn=300, cnn_shape=1200, vit_xi=2400)
 ASSETS = Path(__file__).parent / "assets" if "__file__" in globals() else Path("../../seglab/assets")
 
 def build_toy_vit(seed: int = 0) -> VisionTransformer:
@@ -353,21 +353,27 @@ def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, scale: torch.Tensor,
     target = same / same.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
+def object_spec(rng, scale=(0.28, 0.42), palette: str = "class") -> dict:
+    "The ToyWorld scene spec of one object-centric image: stuff, and one thing of a random class filling most of the frame."
+    from seglab.toyworld import NUM_CLASSES, NUM_STUFF, sample_object, sample_scene
+    spec = sample_scene(rng, TOY_IMG, n_objects=0, palette=palette)
+    obj = sample_object(rng, TOY_IMG, int(rng.integers(NUM_STUFF, NUM_CLASSES)), palette=palette)
+    obj.update(r=float(rng.uniform(*scale)) * TOY_IMG, cy=float(rng.uniform(0.4, 0.6)) * TOY_IMG,
+               cx=float(rng.uniform(0.4, 0.6)) * TOY_IMG)
+    spec["objects"] = [obj]
+    return spec
+
 def object_scenes(n: int, seed: int, scale=(0.28, 0.42), palette: str = "class") -> dict:
     """`n` object-centric ToyWorld images (one thing object filling most of the frame, on random stuff), like the
     object-centric photos of ImageNet: `image` [n,3,H,W], `mask` [n,H,W] (class ids), `labels` [n,K] (classes
     present) and `caption` ('a red striped disk on grass'; with `palette="shared"`, 'a red disk with a slit on grass')."""
     import numpy as np
-    from seglab.toyworld import (COLOURS, NUM_CLASSES, NUM_STUFF, caption_of, render_scene, sample_object,
-                                 sample_rng, sample_scene)
+    from seglab.toyworld import COLOURS, NUM_CLASSES, NUM_STUFF, caption_of, render_scene, sample_rng
     images, masks, captions = np.empty((n, 3, TOY_IMG, TOY_IMG), np.float32), np.empty((n, TOY_IMG, TOY_IMG), np.uint8), []
     for i in range(n):
         rng = sample_rng(seed, "semantic", i)
-        spec = sample_scene(rng, TOY_IMG, n_objects=0, palette=palette)
-        obj = sample_object(rng, TOY_IMG, int(rng.integers(NUM_STUFF, NUM_CLASSES)), palette=palette)
-        obj.update(r=float(rng.uniform(*scale)) * TOY_IMG, cy=float(rng.uniform(0.4, 0.6)) * TOY_IMG,
-                   cx=float(rng.uniform(0.4, 0.6)) * TOY_IMG)
-        spec["objects"] = [obj]
+        spec = object_spec(rng, scale, palette)
+        obj = spec["objects"][0]
         images[i], masks[i], inst = render_scene(spec, rng)
         stuff = np.bincount(masks[i][inst == 0], minlength=NUM_STUFF)[:NUM_STUFF].argmax()
         captions.append(caption_of([(COLOURS[obj["colour"]], obj["cls"])], int(stuff), palette=palette))
@@ -443,16 +449,21 @@ def colour_distort(x: torch.Tensor, g: torch.Generator, gain=(0.7, 1.1), offset:
 
 def random_views(x: torch.Tensor, g: torch.Generator, n: int = 2, px: int = 48, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
     """`n` views per image: random resized crop (area fraction `scale`) to `px`, horizontal flip, `colour_distort`.
-    Returns the views `[B*n,3,px,px]` (grouped by image), their boxes `[B,n,4]` (x0,y0,x1,y1 pixels), flips `[B,n]`."""
+    `x` is `[B,3,H,W]` (every view cut from the same image) or `[B,n,3,H,W]` (view j cut from rendering j of the
+    same scene geometry, see `rerendered_pairs`). Returns the views `[B*n,3,px,px]` (grouped by image), their boxes
+    `[B,n,4]` (x0,y0,x1,y1 pixels), flips `[B,n]`."""
     from torchvision.ops import roi_align
+    paired = x.ndim == 5
+    if paired and x.shape[1] != n:
+        raise ValueError(f"x holds {x.shape[1]} renderings per scene but {n} views were asked for")
     B, S = len(x), x.shape[-1]
     area = torch.empty(B, n).uniform_(*scale, generator=g)
     r = torch.empty(B, n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
     w, h = (area * r).sqrt().clamp(max=1) * S, (area / r).sqrt().clamp(max=1) * S
     x0, y0 = torch.rand(B, n, generator=g) * (S - w), torch.rand(B, n, generator=g) * (S - h)
     box = torch.stack([x0, y0, x0 + w, y0 + h], -1)
-    rows = torch.arange(B).repeat_interleave(n).float()[:, None]
-    v = roi_align(x, torch.cat([rows, box.reshape(-1, 4)], 1), (px, px), aligned=True)
+    rows = (torch.arange(B * n) if paired else torch.arange(B).repeat_interleave(n)).float()[:, None]
+    v = roi_align(x.flatten(0, 1) if paired else x, torch.cat([rows, box.reshape(-1, 4)], 1), (px, px), aligned=True)
     flip = torch.rand(len(v), generator=g) < 0.5
     v = torch.where(flip[:, None, None, None], v.flip(-1), v)
     return colour_distort(v, g), box, flip.view(B, n)
@@ -481,10 +492,15 @@ def _mlp_head(dim: int = 128, hidden: int = 512) -> nn.Sequential:
     "SimCLR's projection head: Linear-GELU-Linear."
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-def _pretrain_vit(seed: int, steps: int, batch: int = 64, px: int = 48, lr: float = 1e-3, tau: float = 0.2,
-                  k: int = 8, lam: float = 2.0):
-    "NT-Xent on the CLS tokens of two views + `lam` x NT-Xent on `k` corresponding points per image (see the text)."
+def _pretrain_vit(seed: int, steps: int, **kw):
+    "The toy ViT: `contrastive_vit` on 2048 object-centric images and 2048 scenes (default palette)."
     images = torch.cat([object_scenes(2048, seed=seed + 2)["image"], toy_scenes(2048, seed=seed + 1)["image"]])
+    return contrastive_vit(images, seed, steps, **kw)
+
+def contrastive_vit(images: torch.Tensor, seed: int, steps: int, batch: int = 64, px: int = 48, lr: float = 1e-3,
+                    tau: float = 0.2, k: int = 8, lam: float = 2.0):
+    """Pretrain a toy ViT from `seed` on `images` (`[N,3,H,W]`, or `[N,2,3,H,W]` re-renderings): NT-Xent on the CLS
+    tokens of two views + `lam` x NT-Xent on `k` corresponding points per image (see the text)."""
     model, g = build_toy_vit(seed).train(), torch.Generator().manual_seed(seed)
     head, dense_head = _mlp_head(), _mlp_head()
     opt = _adamw(nn.ModuleList([model, head, dense_head]), lr)
@@ -501,10 +517,50 @@ def _pretrain_vit(seed: int, steps: int, batch: int = 64, px: int = 48, lr: floa
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 3.0); opt.step()
     return model, dict(loss=round(loss.item(), 4))
 
+# %% ../nbs/00_foundations/03_backbones.ipynb #e6464f49
+def reappear(spec: dict, rng) -> dict:
+    """A copy of a shared-palette ToyWorld scene `spec` with the same geometry (stuff layout and classes; each object's
+    class, position, size and angle) and new appearance drawn from the shared palette with `rng`: stuff colours,
+    pattern phases and colour nuisance; each object's colour, pattern, phase and nuisance; the light's gain and
+    gradient. An augmentation (like colour jitter): nothing here is given to a model but the rendered picture."""
+    import copy
+    from seglab.toyworld import COLOURS, SHARED_TEXTURES, sample_nuisance
+    if "nuisance" not in spec["stuff"]:
+        raise ValueError("reappear needs a shared-palette scene spec (sample_scene(..., palette='shared'))")
+    spec = copy.deepcopy(spec)
+    stuff, k = spec["stuff"], len(spec["stuff"]["classes"])
+    stuff.update(colours=[int(c) for c in rng.integers(0, len(COLOURS), k)], phases=[float(p) for p in rng.uniform(0, 20, k)],
+                 nuisance=[sample_nuisance(rng) for _ in range(k)])
+    for obj in spec["objects"]:
+        obj.update(colour=int(rng.integers(len(COLOURS))), texture=int(rng.integers(len(SHARED_TEXTURES))),
+                   phase=float(rng.uniform(0, 20)), **sample_nuisance(rng))
+    spec["light"].update(gain=float(rng.uniform(0.85, 1.05)), gy=float(rng.uniform(-0.25, 0.25)),
+                         gx=float(rng.uniform(-0.25, 0.25)))
+    return spec
+
+def rerendered_pairs(n: int, seed: int, objects: bool = False) -> torch.Tensor:
+    """`[n,2,3,H,W]`: `n` shared-palette scenes (`objects=True`: object-centric images, as `object_scenes`), each
+    rendered twice with the same geometry (`reappear`)."""
+    import numpy as np
+    from seglab.toyworld import render_scene, sample_rng, sample_scene
+    out = np.empty((n, 2, 3, TOY_IMG, TOY_IMG), np.float32)
+    for i in range(n):
+        rng = sample_rng(seed, "semantic", i)
+        spec = object_spec(rng, palette="shared") if objects else sample_scene(rng, TOY_IMG, palette="shared")
+        out[i, 0] = render_scene(spec, rng)[0]
+        out[i, 1] = render_scene(reappear(spec, rng), rng)[0]
+    return torch.from_numpy(out)
+
+def _pretrain_vit_xi(seed: int, steps: int, **kw):
+    "`vit_xi`: `contrastive_vit` on 1024 object-centric and 2048 scene geometries, each view from its own re-rendering."
+    pairs = torch.cat([rerendered_pairs(1024, seed + 2, objects=True), rerendered_pairs(2048, seed + 1)])
+    return contrastive_vit(pairs, seed, steps, **kw)
+
+
 # %% ../nbs/00_foundations/03_backbones.ipynb #b154dd79
-TOY_NAMES = ("vit", "clip", "cnn", "cnn_shape")
-_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn, cnn_shape=_pretrain_cnn_shape)
-_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn, cnn_shape=build_toy_cnn)
+TOY_NAMES = ("vit", "clip", "cnn", "cnn_shape", "vit_xi")
+_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn, cnn_shape=_pretrain_cnn_shape, vit_xi=_pretrain_vit_xi)
+_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn, cnn_shape=build_toy_cnn, vit_xi=build_toy_vit)
 
 def _check_name(name: str) -> str:
     if name not in TOY_NAMES:
@@ -540,7 +596,7 @@ def _manifest(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 def pretrain_toy(name: str, seed: int = 0, out: str | Path | None = None, steps: int | None = None) -> Path:
-    "Pretrain toy backbone `name` ('vit', 'clip', 'cnn') on ToyWorld; save fp16 weights to `out` and record them in its folder's MANIFEST.json."
+    "Pretrain toy backbone `name` (one of `TOY_NAMES`) on ToyWorld; save fp16 weights to `out` and record them in its folder's MANIFEST.json."
     _check_name(name)
     out = Path(out) if out else cache_root() / "backbones" / f"toy_{name}.pt"
     steps = steps or TOY_STEPS[name]
@@ -592,6 +648,10 @@ def toy_cnn() -> ResNet:
 def toy_cnn_shape() -> ResNet:
     "The frozen toy ResNet pretrained on shared-palette image labels (class = shape + part; `cnn_features`)."
     return load_toy("cnn_shape")
+
+def toy_vit_xi() -> VisionTransformer:
+    "The frozen self-supervised toy ViT trained on re-rendered shared-palette scenes (patch neighbours cross instances; `vit_features`)."
+    return load_toy("vit_xi")
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #f886b0bb
 def patch_labels(mask: torch.Tensor, patch: int, num_classes: int, purity: float = 0.5) -> torch.Tensor:

@@ -64,3 +64,27 @@ def test_cnn_shape_loads_frozen_and_is_new_weights():
     assert not any(p.requires_grad for p in shape.parameters())
     f_old, f_new = (bb.cnn_features(m, x, ("layer3",))["layer3"] for m in (cnn, shape))
     assert f_new.shape == f_old.shape == (2, 64, 8, 8) and not torch.allclose(f_old, f_new)
+
+
+def test_vit_xi_loads_frozen_and_is_new_weights():
+    "`toy_vit_xi()` loads (sha256-checked), frozen, and is neither the one-rendering `vit` nor its random init."
+    x = torch.rand(2, 3, 64, 64)
+    old, xi, rand = bb.toy_vit(), bb.toy_vit_xi(), bb.build_toy_vit(0).eval()
+    assert not any(p.requires_grad for p in xi.parameters()) and bb.load_toy("vit_xi").seglab_norm == old.seglab_norm
+    f_old, f_xi, f_rand = (bb.vit_features(m, x)["patch"] for m in (old, xi, rand))
+    assert f_xi.shape == f_old.shape == (2, 128, 8, 8)
+    assert not torch.allclose(f_old, f_xi) and not torch.allclose(f_rand, f_xi)
+
+
+def test_reappear_keeps_geometry_and_reads_no_label_only_the_spec():
+    "A re-rendering has the same class and instance maps, a different picture, and leaves the input spec untouched."
+    import copy
+    from seglab.toyworld import render_scene, sample_rng, sample_scene
+    rng = sample_rng(3, "semantic", 1)
+    spec = sample_scene(rng, 64, palette="shared")
+    before = copy.deepcopy(spec)
+    new = bb.reappear(spec, rng)
+    assert spec == before
+    (a, sa, ia), (b, sb, ib) = render_scene(spec, rng), render_scene(new, rng)
+    assert (sa == sb).all() and (ia == ib).all() and abs(a - b).mean() > 0.05
+    assert [o["cls"] for o in new["objects"]] == [o["cls"] for o in spec["objects"]]

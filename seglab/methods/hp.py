@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import dino_vit, toy_vit, vit_features
+from ..backbones import dino_vit, load_toy, vit_features
 from ..baselines import kmeans, kmeans_readout, lloyd
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
@@ -30,18 +30,22 @@ CONFIG = dict(
     common=dict(seed=0, dropout=0.1, base_tau=0.07, ema_m=0.99, alpha=0.05, clip_grad=10.0, lr_head=5e-4,
                 wd_head=0.1, lr_linear=1e-3, ghp_sp=True, lhp=True, consistency=True, pretrained=True, n_init=10,
                 ckpt_every=100),
-    toy=dict(backbone="toy_vit", dataset="toyworld", image_size=64, eval_size=64, difficulty=0.3, n_train=384, n_val=128,
+    toy=dict(backbone="toy_vit_xi", dataset="toyworld", palette="shared", image_size=64, eval_size=64, difficulty=0.3,
+             n_train=384, n_val=128,
              n_clusters=5, dim=64, batch=16, steps=100, pool_size=256, renew_interval=20, warmup=40, tau=0.3,
              rho=0.2, lr_head=3e-3, lr_proj=3e-3, lr_cluster=2e-2, feat_batch=128, device="cpu"),
-    full=dict(backbone="vit_small_patch16_224.dino", dataset="cocostuff27", image_size=224, eval_size=320, difficulty=0.0,
+    full=dict(backbone="vit_small_patch16_224.dino", dataset="cocostuff27", palette=None, image_size=224, eval_size=320, difficulty=0.0,
               n_train=2000, n_val=500, n_clusters=27, dim=512, batch=32, steps=1500, pool_size=512,
               renew_interval=50, warmup=200, tau=0.8, rho=0.02, lr_head=5e-4, lr_proj=5e-4, lr_cluster=5e-3, feat_batch=64,
               device=None),
 )
 
 def frozen_backbone(cfg) -> nn.Module:
-    "The frozen ViT of `cfg.backbone`: seglab's toy ViT, or a timm DINO ViT with its official weights."
-    return toy_vit() if cfg.backbone == "toy_vit" else dino_vit(cfg.backbone, pretrained=cfg.get("pretrained", True))
+    """The frozen ViT of `cfg.backbone`: one of seglab's toy ViTs ('toy_vit_xi', 'toy_vit': `seglab.backbones.load_toy`),
+    or a timm DINO ViT with its official weights."""
+    if cfg.backbone in ("toy_vit", "toy_vit_xi"):
+        return load_toy(cfg.backbone.removeprefix("toy_"))
+    return dino_vit(cfg.backbone, pretrained=cfg.get("pretrained", True))
 
 def photometric_aug(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     "HP's photometric augmentation of [0,1] images `[B,3,H,W]`: ColorJitter(.3,.3,.3,.1), grayscale p=.2, blur 5."
@@ -348,7 +352,8 @@ def load_split(cfg, split: str, root=None) -> dict:
     `image_size`, or `eval_size` for COCO's val split: 320 as in STEGO/HP's evaluation)."""
     n = cfg.n_train if split == "train" else cfg.n_val
     if cfg.dataset == "toyworld":
-        d = toyworld.make_scenes(n, cfg.image_size, cfg.seed + (split != "train"), cfg.difficulty)
+        d = toyworld.make_scenes(n, cfg.image_size, cfg.seed + (split != "train"), cfg.difficulty,
+                                 palette=cfg.get("palette") or "class")
         return dict(image=d["image"], mask=coarse_toy_labels(d["mask"]) if cfg.n_clusters == COARSE_K else d["mask"])
     from seglab.data.datasets import CocoStuff27
     ds = CocoStuff27(root=root, split=split)
