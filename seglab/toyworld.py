@@ -709,6 +709,11 @@ def render_bird(rng: np.random.Generator, cls: int, size: int = 64, difficulty: 
         bird |= m
     return img, dict(bird=bird, clutter=(clutter if clutter is not None else np.zeros_like(bird)) & ~bird)
 
+def _check_distractors(distractors: int) -> int:
+    if int(distractors) != distractors or distractors < 0:
+        raise ValueError(f"distractors is a number of clutter patches per image (an int >= 0), got {distractors!r}")
+    return int(distractors)
+
 def _split_classes(split: str) -> list[int]:
     if split not in BIRD_SPLITS:
         raise ValueError(f"split must be one of {list(BIRD_SPLITS)}, got {split!r}")
@@ -759,11 +764,6 @@ class BirdEpisodes(ToyDataset):
                     class_ids=torch.from_numpy(cls.astype(np.int64)), meta=_meta(self.view, self.seed, i, split=self.split, **masks))
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #2ab2f265
-def _check_distractors(distractors: int) -> int:
-    if int(distractors) != distractors or distractors < 0:
-        raise ValueError(f"distractors is a number of clutter patches per image (an int >= 0), got {distractors!r}")
-    return int(distractors)
-
 def paint_distractors(img: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
     """Paint `k` clutter patches on image [3,H,W] in place: a disk or square (radius 4-9 px at 64 px, scaled) at a
     random place, a random palette colour with a colour nuisance (`nuisance_rgb`), a texture from stripes, dots and
