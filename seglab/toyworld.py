@@ -30,9 +30,9 @@ __all__ = ['STUFF', 'THING_ATTRS', 'THINGS', 'CLASS_NAMES', 'NUM_CLASSES', 'NUM_
            'gaussian_noise', 'apply_light', 'render_scene', 'erode', 'boxes_of', 'scribble_of', 'SemanticScenes',
            'collate', 'colour_mask', 'make_scenes', 'fold_classes', 'FewShotEpisodes', 'SaliencyScenes',
            'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices', 'CardiacVolumes', 'ToyVideos',
-           'render_bird', 'ToyBirds', 'BirdEpisodes', 'corrupt_image', 'corrupt_annotation', 'SyntheticPairs',
-           'step_classes', 'IncrementalSteps', 'tokenize', 'grounding_embeddings', 'GroundingVideos', 'TinyFCN', 'miou',
-           'colour_baseline', 'chance_miou', 'tour']
+           'render_bird', 'ToyBirds', 'BirdEpisodes', 'paint_distractors', 'corrupt_image', 'corrupt_annotation',
+           'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize', 'grounding_embeddings', 'GroundingVideos',
+           'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #cfa63933
 STUFF = ["sky", "grass", "water", "brick"]
@@ -671,8 +671,11 @@ def _in_triangle(u, v, a, b, c) -> np.ndarray:
     s1, s2, s3 = side(a, b), side(b, c), side(c, a)
     return ((s1 >= 0) & (s2 >= 0) & (s3 >= 0)) | ((s1 <= 0) & (s2 <= 0) & (s3 <= 0))
 
-def render_bird(rng: np.random.Generator, cls: int, size: int = 64, difficulty: float = 0.5) -> np.ndarray:
-    "Image [3,H,W] of a bird of class `cls` (index into `BIRD_CLASSES`) in a random pose on a random background."
+def render_bird(rng: np.random.Generator, cls: int, size: int = 64, difficulty: float = 0.5, distractors: int = 0,
+                with_masks: bool = False):
+    """Image [3,H,W] of a bird of class `cls` (index into `BIRD_CLASSES`) in a random pose on a random background;
+    `distractors` > 0 paints that many coloured textured patches behind the bird (`paint_distractors`);
+    `with_masks=True` returns `(image, dict(bird=[H,W] bool, clutter=[H,W] bool))`."""
     beak, eye, wing = BIRD_ATTRS[cls]
     spec = sample_scene(rng, size, difficulty, n_objects=0)
     img, _ = render_stuff(spec["stuff"], size)
@@ -695,9 +698,21 @@ def render_bird(rng: np.random.Generator, cls: int, size: int = 64, difficulty: 
     e2 = (u + 15) ** 2 + (v + 8) ** 2
     parts += [(e2 <= 2.6 ** 2, np.array([0.97, 0.97, 0.97])), (e2 <= 1.2 ** 2, np.zeros(3))] if eye == "ring" else \
              [(e2 <= 1.7 ** 2, np.zeros(3))]
+    clutter = paint_distractors(img, rng, distractors) if distractors else None
     for m, rgb in parts:
         img[:, m] = np.asarray(rgb, np.float32)[:, None]
-    return apply_light(img, spec["light"], rng)
+    img = apply_light(img, spec["light"], rng)
+    if not with_masks:
+        return img
+    bird = np.zeros((size, size), bool)
+    for m, _ in parts:
+        bird |= m
+    return img, dict(bird=bird, clutter=(clutter if clutter is not None else np.zeros_like(bird)) & ~bird)
+
+def _check_distractors(distractors: int) -> int:
+    if int(distractors) != distractors or distractors < 0:
+        raise ValueError(f"distractors is a number of clutter patches per image (an int >= 0), got {distractors!r}")
+    return int(distractors)
 
 def _split_classes(split: str) -> list[int]:
     if split not in BIRD_SPLITS:
@@ -707,33 +722,66 @@ def _split_classes(split: str) -> list[int]:
 class ToyBirds(ToyDataset):
     "`n` bird images of the classes of `split`: `image` [3,H,W], `label` (index into `BIRD_CLASSES`), `meta`."
     view = "birds"
-    def __init__(self, n: int, split: str = "train", size: int = 64, seed: int = 0, difficulty: float = 0.5):
+    def __init__(self, n: int, split: str = "train", size: int = 64, seed: int = 0, difficulty: float = 0.5,
+                 distractors: int = 0):
         super().__init__(n, seed)
         self.classes, self.split, self.size, self.difficulty = _split_classes(split), split, size, _check_difficulty(difficulty)
+        self.distractors = _check_distractors(distractors)
     def sample(self, rng, i):
         c = int(rng.choice(self.classes))
+        if self.distractors:
+            img, m = render_bird(rng, c, self.size, self.difficulty, self.distractors, with_masks=True)
+            return dict(image=torch.from_numpy(img), label=c, meta=_meta(self.view, self.seed, i, split=self.split,
+                        class_name=BIRD_CLASSES[c], bird_mask=torch.from_numpy(m["bird"]), clutter_mask=torch.from_numpy(m["clutter"])))
         return dict(image=torch.from_numpy(render_bird(rng, c, self.size, self.difficulty)), label=c,
                     meta=_meta(self.view, self.seed, i, split=self.split, class_name=BIRD_CLASSES[c]))
 
 class BirdEpisodes(ToyDataset):
     """`n` N-way K-shot episodes from `split`: `support_images` [N*K,3,H,W], `support_labels` [N*K] (0..N-1),
-    `query_images` [N*Q,3,H,W], `query_labels` [N*Q], `class_ids` [N] (into `BIRD_CLASSES`), `meta`."""
+    `query_images` [N*Q,3,H,W], `query_labels` [N*Q], `class_ids` [N] (into `BIRD_CLASSES`), `meta` (with
+    `distractors` > 0 also the masks `support_bird`, `support_clutter` [N*K,H,W], `query_bird`, `query_clutter`)."""
     view = "bird_episodes"
     def __init__(self, n: int, split: str = "test", way: int = 5, shot: int = 1, queries: int = 5, size: int = 64,
-                 seed: int = 0, difficulty: float = 0.5):
+                 seed: int = 0, difficulty: float = 0.5, distractors: int = 0):
         super().__init__(n, seed)
-        self.classes = _split_classes(split)
+        self.classes, self.distractors = _split_classes(split), _check_distractors(distractors)
         if not 2 <= way <= len(self.classes):
             raise ValueError(f"way must be in [2, {len(self.classes)}] for split {split!r}, got {way}")
         self.split, self.way, self.shot, self.queries, self.size, self.difficulty = split, way, shot, queries, size, difficulty
     def sample(self, rng, i):
         cls = rng.choice(self.classes, self.way, replace=False)
-        def draw(k):
-            imgs = [render_bird(rng, int(c), self.size, self.difficulty) for c in cls for _ in range(k)]
-            return torch.from_numpy(np.stack(imgs)), torch.arange(self.way).repeat_interleave(k)
-        (si, sl), (qi, ql) = draw(self.shot), draw(self.queries)
+        masks = {}
+        def draw(k, side):
+            if not self.distractors:
+                imgs = [render_bird(rng, int(c), self.size, self.difficulty) for c in cls for _ in range(k)]
+                return torch.from_numpy(np.stack(imgs)), torch.arange(self.way).repeat_interleave(k)
+            out = [render_bird(rng, int(c), self.size, self.difficulty, self.distractors, True) for c in cls for _ in range(k)]
+            for key in ("bird", "clutter"):
+                masks[f"{side}_{key}"] = torch.from_numpy(np.stack([m[key] for _, m in out]))
+            return torch.from_numpy(np.stack([im for im, _ in out])), torch.arange(self.way).repeat_interleave(k)
+        (si, sl), (qi, ql) = draw(self.shot, "support"), draw(self.queries, "query")
         return dict(support_images=si, support_labels=sl, query_images=qi, query_labels=ql,
-                    class_ids=torch.from_numpy(cls.astype(np.int64)), meta=_meta(self.view, self.seed, i, split=self.split))
+                    class_ids=torch.from_numpy(cls.astype(np.int64)), meta=_meta(self.view, self.seed, i, split=self.split, **masks))
+
+# %% ../nbs/00_foundations/01_toyworld.ipynb #2ab2f265
+def paint_distractors(img: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    """Paint `k` clutter patches on image [3,H,W] in place: a disk or square (radius 4-9 px at 64 px, scaled) at a
+    random place, a random palette colour with a colour nuisance (`nuisance_rgb`), a texture from stripes, dots and
+    checks at a random angle. Returns their union mask [H,W] bool."""
+    size = img.shape[-1]
+    y, x = _grid(size)
+    union = np.zeros((size, size), bool)
+    for _ in range(k):
+        r = float(rng.uniform(4, 9)) * size / 64
+        cy, cx, a = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0, np.pi)
+        yy, xx = y - cy, x - cx
+        u, v = xx * math.cos(a) + yy * math.sin(a), yy * math.cos(a) - xx * math.sin(a)
+        m = u * u + v * v <= r * r if rng.random() < 0.5 else (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+        t = thing_texture(TEXTURES[int(rng.integers(1, len(TEXTURES)))], u[m], v[m], r)
+        img[:, m] = nuisance_rgb(int(rng.integers(len(COLOURS))), **sample_nuisance(rng))[:, None] * (0.15 + 0.85 * t)
+        union |= m
+    return union
+
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #e0a6aff3
 IMAGE_CORRUPTIONS = ("noise", "blocks", "tiles")

@@ -109,6 +109,15 @@ def test_class_split_is_disjoint_and_sized_as_frn():
     assert not set(s["train"]) & set(s["test"]) and not set(s["val"]) & set(s["test"])
 
 
+def test_full_profile_uses_frn_split():
+    cfg = pick(tdm.CONFIG, "full")
+    s = tdm.split_classes(200, cfg.split)
+    assert cfg.split == "frn" and s == tdm.frn_class_split()
+    assert all((k + 1) % 2 == 0 for k in s["train"]) and all((k + 1) % 4 == 3 for k in s["test"])
+    with pytest.raises(ValueError, match="200 CUB classes"):
+        tdm.frn_class_split(20)
+
+
 @needs_cub
 @pytest.mark.skipif(not SLOW, reason="slow (one full-size step: a 20-way 1-shot, 15-query episode of 320 images at 84 px "
                                      "through Conv-4, 1.5-4 min on one shared CPU thread): run with SEGLAB_FLAGS=slow")
@@ -119,7 +128,7 @@ def test_full_config_one_step_on_a_cub_layout(tmp_path):
     train_eps = tdm.make_episodes(cfg, True)
     e = train_eps[0]
     assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
-    assert set(e["class_ids"].tolist()) <= set(tdm.class_split(200)["train"])
+    assert set(e["class_ids"].tolist()) <= set(tdm.frn_class_split()["train"])          # FRN's split: even official ids
     model, hist = tdm.train(cfg, train_eps)
     assert torch.isfinite(torch.tensor(hist.last("loss")))
     r = tdm.evaluate(model, cfg, tdm.make_episodes(cfg, False, n=2))

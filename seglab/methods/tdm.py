@@ -23,8 +23,9 @@ from ..toyworld import BirdEpisodes
 # %% auto #0
 __all__ = ['ATTENTIONS', 'CONFIG', 'BIRDS', 'conv_block', 'Conv4', 'Features', 'prototypes', 'channel_distances', 'proto_logits',
            'mean_map_distance', 'sam_statistics', 'qam_statistics', 'TDM', 'FixedWeight', 'FewShotNet',
-           'build_backbone', 'build_model', 'train_step', 'class_split', 'image_transform', 'make_episodes',
-           'make_optimizer', 'train', 'evaluate', 'mechanism_gaps', 'tour', 'bench_case']
+           'build_backbone', 'build_model', 'train_step', 'class_split', 'frn_class_split', 'split_classes',
+           'image_transform', 'make_episodes', 'make_optimizer', 'train', 'evaluate', 'mechanism_gaps', 'tour',
+           'bench_case']
 
 # %% ../../nbs/40_fewshot/44_tdm.ipynb #8675e4c7
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -169,7 +170,7 @@ CONFIG = dict(
                 ckpt_every=100, pretrained=False,   # nothing is pre-trained: `pretrained` is for the CLI contract
                 channels=64, side=5, signal_channels=4, signal=1.5, nuisance_channels=6, nuisance=3.0,
                 noise_std=1.0,                      # the feature toy's knobs (FeatureEpisodes)
-                size=84, width=64, crop=True, split=(0.5, 0.25, 0.25)),   # the image knobs (birds, CUB)
+                size=84, width=64, crop=True, split="frn"),   # the image knobs (birds, CUB)
     toy=dict(data="features", backbone="features", way=10, queries=5, steps=400, optimizer="adam", lr=3e-3,
              weight_decay=0.0, n_test=300, augment=False, workers=0, data_root=None),
     full=dict(data="cub200", backbone="conv4", way=20, queries=15, steps=2500, optimizer="sgd", lr=0.1,
@@ -180,6 +181,19 @@ def class_split(num_classes: int, fractions=(0.5, 0.25, 0.25)) -> dict:
     "Disjoint train / val / test class ids: consecutive blocks of the sorted ids with the given fractions."
     n_tr, n_va = round(fractions[0] * num_classes), round(fractions[1] * num_classes)
     return dict(train=list(range(n_tr)), val=list(range(n_tr, n_tr + n_va)), test=list(range(n_tr + n_va, num_classes)))
+
+def frn_class_split(num_classes: int = 200) -> dict:
+    """FRN's CUB-200-2011 class split (`data/init_CUB_fewshot.py` of Tsingularity/FRN): with 0-based class index k
+    (official id k + 1), train = even official ids, val = ids = 1 mod 4, test = ids = 3 mod 4 (100 / 50 / 50)."""
+    if num_classes != 200:
+        raise ValueError(f"FRN's split is defined for the 200 CUB classes, got {num_classes}: use class_split(n, fractions)")
+    ids = range(num_classes)
+    return dict(train=[k for k in ids if (k + 1) % 2 == 0], val=[k for k in ids if (k + 1) % 4 == 1],
+                test=[k for k in ids if (k + 1) % 4 == 3])
+
+def split_classes(num_classes: int, split) -> dict:
+    "`frn_class_split` for `split='frn'`, else `class_split(num_classes, split)` (fractions)."
+    return frn_class_split(num_classes) if split == "frn" else class_split(num_classes, split)
 
 def image_transform(size: int, train: bool):
     "`transform(image, rng)` for `ClassEpisodes`: train = RandomResizedCrop + ColorJitter 0.4 + flip; test = Resize(size*92/84) + CenterCrop."
@@ -209,7 +223,7 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
     """Training (`train`: `cfg.way`-way `cfg.shot`-shot, `cfg.queries` queries) or test episodes (`cfg.test_way`,
     `cfg.test_shot`, `cfg.test_queries`; `n` defaults to `cfg.n_test`) of the profile's data: the feature toy
     (`FeatureEpisodes`), the toy birds (`data='birds'`, `BirdEpisodes` at `cfg.size`) or CUB (`ClassEpisodes` over
-    `CUB200(cfg.data_root, 'all', crop=cfg.crop)` with the `class_split` of `cfg.split`)."""
+    `CUB200(cfg.data_root, 'all', crop=cfg.crop)` with the classes of `split_classes(n, cfg.split)`)."""
     way, shot, queries = (cfg.way, cfg.shot, cfg.queries) if train else (cfg.test_way, cfg.test_shot, cfg.test_queries)
     n = (cfg.steps if train else cfg.n_test) if n is None else n
     seed = (cfg.seed if train else cfg.seed + 1000) if seed is None else seed
@@ -222,7 +236,7 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
     if cfg.data == "cub200":
         from seglab.data.datasets import CUB200
         data = CUB200(cfg.data_root, "all", crop=cfg.crop)
-        classes = class_split(data.num_classes, cfg.split)["train" if train else "test"]
+        classes = split_classes(data.num_classes, cfg.split)["train" if train else "test"]
         return ClassEpisodes(data, classes, way, shot, queries, n, seed,
                              image_transform(cfg.size, train and cfg.get("augment", False)))
     raise ValueError(f"data must be 'features', 'birds' or 'cub200', got {cfg.data!r}")

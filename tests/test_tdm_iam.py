@@ -1,0 +1,108 @@
+"""TDM-IAM chapter (`seglab.methods.tdm_iam`, a reconstruction): resume, tour, bench case, the full CONFIG for one
+step on a CUB layout built from the CUB sample, and the toy pool's truth."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from seglab.config import pick
+from seglab.methods import tdm_iam
+
+from test_tdm import CUB, cub_layout
+
+SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
+needs_cub = pytest.mark.skipif(not CUB.is_dir(), reason=f"CUB samples not found at {CUB} (set SEGLAB_SHARED_DATA)")
+
+
+def small_toy(**kw):
+    return pick(tdm_iam.CONFIG, "toy").replace(pool_train=120, pool_test=200, width=8, **kw)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = small_toy(steps=6, ckpt_every=2)
+    data = tdm_iam.make_episodes(cfg, True)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt:
+        def __init__(self, step): self.step = step
+        def update(self, step, **_):
+            if step >= self.step:
+                raise Stop
+        def close(self): pass
+
+    ref, _ = tdm_iam.train(cfg, data)
+    ckpt = tmp_path / "tdm_iam.pt"
+    with pytest.raises(Stop):
+        tdm_iam.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.exists()                                               # saved at step 2
+    resumed, hist = tdm_iam.train(cfg, data, ckpt=ckpt)
+    ra, rb = ref.state_dict(), resumed.state_dict()
+    assert any("attn" in k for k in ra)                                # IAM's weights are in the checkpoint
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)                  # BN running stats included
+    assert len(hist) > 0
+
+
+def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
+    monkeypatch.setitem(tdm_iam.CONFIG, "toy", dict(tdm_iam.CONFIG["toy"], steps=6, n_test=4, pool_train=120,
+                                                    pool_test=200, width=8))
+    monkeypatch.setitem(tdm_iam.CONFIG, "common", dict(tdm_iam.CONFIG["common"], ckpt_every=3))
+    ckpt = tmp_path / "tdm_iam-toy.pt"
+    r = tdm_iam.tour("toy", ckpt=ckpt)
+    for k in ("metric", "value", "chance", "baseline_name", "baseline"):
+        assert k in r
+    assert isinstance(r["baseline_name"], str) and 0 <= r["baseline"] <= 1 and r["chance"] == 0.2
+    assert r["baseline"] == max(r["protonet"], r["tdm"])
+    assert ckpt.exists() and (tmp_path / "tdm_iam-toy-protonet.pt").exists() and (tmp_path / "tdm_iam-toy-tdm.pt").exists()
+    again = tdm_iam.tour("toy", ckpt=ckpt)                             # all finished: resumed as they are
+    assert again["value"] == r["value"] and again["baseline"] == r["baseline"]
+
+
+@pytest.mark.parametrize("profile", ["toy", "full"])
+def test_bench_case_runs_one_step(profile):
+    cfg = pick(tdm_iam.CONFIG, profile).replace(way=3, queries=2, width=8)
+    case = tdm_iam.bench_case(cfg)
+    case["run"]()
+    assert case["batch"] == 3 * 1 + 3 * 2
+
+
+def test_arms_and_bad_inputs():
+    cfg = small_toy()
+    for arm, (att, iam) in tdm_iam.ARMS.items():
+        net = tdm_iam.build_model(tdm_iam.arm_config(cfg, arm))
+        assert net.kind == att and net.backbone.kind == iam and (len(net.backbone.attn) == 0) == (iam == "none")
+    with pytest.raises(ValueError, match="arm must be one of"):
+        tdm_iam.arm_config(cfg, "iam_only")
+    with pytest.raises(ValueError, match="stages are Conv-4 block numbers"):
+        tdm_iam.Conv4IAM(8, "iam", stages=(5,))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        tdm_iam.instance_statistics(torch.zeros(2, 3))
+
+
+def test_pool_truth_and_episodes_respect_the_split():
+    cfg = small_toy()
+    pool = tdm_iam.make_pool(cfg, False)
+    assert not (pool.bird & pool.clutter).any() and pool.clutter.flatten(1).any(1).all()
+    eps = tdm_iam.make_episodes(cfg, False, n=3, pool=pool)
+    from seglab.toyworld import BIRD_SPLITS
+    for i in range(3):
+        assert set(eps[i]["class_ids"].tolist()) <= set(BIRD_SPLITS["test"])
+
+
+@needs_cub
+@pytest.mark.skipif(not SLOW, reason="slow (one full-size step: a 20-way 1-shot, 15-query episode of 320 images at 84 px "
+                                     "through Conv-4 with IAM, minutes on one shared CPU thread): run with SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_a_cub_layout(tmp_path):
+    root = cub_layout(tmp_path)
+    cfg = pick(tdm_iam.CONFIG, "full").replace(data_root=str(root), steps=1, pretrained=False)   # nothing else changed
+    assert cfg.crop and cfg.size == 84 and cfg.way == 20 and cfg.queries == 15 and cfg.iam == "iam"
+    train_eps = tdm_iam.make_episodes(cfg, True)
+    e = train_eps[0]
+    assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
+    model, hist = tdm_iam.train(cfg, train_eps)
+    assert torch.isfinite(torch.tensor(hist.last("loss")))
+    assert all(m.mlp.linear2.weight.abs().sum() > 0 for m in model.backbone.attn.values())   # IAM took the step
+    r = tdm_iam.evaluate(model, cfg, tdm_iam.make_episodes(cfg, False, n=2))
+    assert r["n"] == 2 and 0 <= r["acc"] <= 1
