@@ -626,14 +626,15 @@ class CardiacVolumes(ToyDataset):
 def crossing_twins(rng: np.random.Generator, states: list[list[dict]], p: float, speed: float) -> list[list[dict]]:
     """Per frame, the look-alike twins that cross the objects of `states` (a list over frames of object dicts): with
     probability `p` an object gets a twin of the same class, colour, size and pose that moves in a straight line at
-    `speed` px/frame and passes exactly over it at a random frame in the middle third (painted in front of it)."""
+    `speed` px/frame and passes exactly over it at a random frame in the middle third (painted in front of it).
+    Twins enter from frame 1, so every target is fully visible in frame 0 (its box initialises a tracker)."""
     T, twins = len(states), [[] for _ in states]
     for k in range(len(states[0])):
         if rng.random() >= p:
             continue
         tc = int(rng.integers(T // 3, max(2 * T // 3, T // 3 + 1) + 1))
         meet, a = states[min(tc, T - 1)][k], rng.uniform(0, 2 * np.pi)
-        for t in range(T):
+        for t in range(1, T):
             twins[t].append(dict(meet, cy=meet["cy"] + speed * math.sin(a) * (t - tc), cx=meet["cx"] + speed * math.cos(a) * (t - tc),
                                  r=states[t][k]["r"], angle=states[t][k]["angle"] + 0.3))
     return twins
