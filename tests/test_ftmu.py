@@ -109,8 +109,12 @@ def test_greedy_evaluation_is_deterministic_but_sampling_is_not(data):
     model = ftmu.build_model(cfg)
     model.actor[-1].bias.data = torch.tensor([0.0, 0.0])     # pi = 0.5/0.5 at the last layer's bias
     v, fr = data["test"]["videos"][0], data["test"]["frames"][0]
-    g = [ftmu.run_video(v, fr, ftmu.agent_policy(model), cfg)["pred"] for _ in range(2)]
-    assert torch.equal(g[0], g[1])
+    g = [ftmu.run_video(v, fr, ftmu.agent_policy(model), cfg) for _ in range(2)]
+    assert torch.equal(g[0]["pred"], g[1]["pred"])
+    for tr in g[0]["traj"].values():                            # test actions are the actor's argmax
+        if tr["states"]:
+            with torch.no_grad():
+                assert model(torch.stack(tr["states"]))[0].argmax(-1).tolist() == tr["actions"]
     runs = [[a for tr in ftmu.run_video(v, fr, ftmu.agent_policy(model, greedy=False), cfg)["traj"].values()
              for a in tr["actions"]] for _ in range(3)]
     assert len({tuple(r) for r in runs}) > 1                   # random (sampled) actions would break the check above
@@ -124,6 +128,13 @@ def test_misaligned_candidates_break_the_alignment_check(data):
             seen, _ = spy_states(v, fr, cfg)
             out += [c["true_iou"] for _, ctx in seen for c in ctx]
         return np.mean(out)
+    for v, fr in zip(data["test"]["videos"], data["test"]["frames"]):   # the episode reads frame t's candidates at t
+        seen, _ = spy_states(v, fr, cfg)
+        for _, ctx in seen:
+            for c in ctx:
+                g = (v["masks"][c["t"]] == c["k"]).numpy().reshape(-1).astype(np.float32)
+                m = fr[c["t"]]["m"][c["c"]]
+                assert abs(float(ftmu.mask_ious(m[None], m.sum()[None], g, g.sum())[0]) - c["true_iou"]) < 1e-6
     aligned = mean_true_iou(data["test"]["frames"])
     shifted = mean_true_iou([fr[3:] + fr[:3] for fr in data["test"]["frames"]])   # candidates of other frames
     assert aligned > 0.5 > shifted
