@@ -29,10 +29,10 @@ __all__ = ['STUFF', 'THING_ATTRS', 'THINGS', 'CLASS_NAMES', 'NUM_CLASSES', 'NUM_
            'sample_stuff', 'render_stuff', 'paint_object', 'sample_object', 'copy_appearance', 'sample_scene',
            'gaussian_noise', 'apply_light', 'render_scene', 'erode', 'boxes_of', 'scribble_of', 'SemanticScenes',
            'collate', 'colour_mask', 'make_scenes', 'fold_classes', 'FewShotEpisodes', 'SaliencyScenes',
-           'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices', 'CardiacVolumes', 'ToyVideos',
-           'render_bird', 'ToyBirds', 'BirdEpisodes', 'paint_distractors', 'corrupt_image', 'corrupt_annotation',
-           'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize', 'grounding_embeddings', 'GroundingVideos',
-           'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
+           'CoSaliencyGroups', 'sample_heart', 'render_heart', 'CardiacSlices', 'CardiacVolumes', 'crossing_twins',
+           'ToyVideos', 'shift_mask', 'toy_detections', 'render_bird', 'ToyBirds', 'BirdEpisodes', 'paint_distractors',
+           'corrupt_image', 'corrupt_annotation', 'SyntheticPairs', 'step_classes', 'IncrementalSteps', 'tokenize',
+           'grounding_embeddings', 'GroundingVideos', 'TinyFCN', 'miou', 'colour_baseline', 'chance_miou', 'tour']
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #cfa63933
 STUFF = ["sky", "grass", "water", "brick"]
@@ -623,12 +623,32 @@ class CardiacVolumes(ToyDataset):
                     meta=_meta(self.view, self.seed, i, spacing=(10.0, 1.5, 1.5)))
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #db12ebb2
+def crossing_twins(rng: np.random.Generator, states: list[list[dict]], p: float, speed: float) -> list[list[dict]]:
+    """Per frame, the look-alike twins that cross the objects of `states` (a list over frames of object dicts): with
+    probability `p` an object gets a twin of the same class, colour, size and pose that moves in a straight line at
+    `speed` px/frame and passes exactly over it at a random frame in the middle third (painted in front of it).
+    Twins enter from frame 1, so every target is fully visible in frame 0 (its box initialises a tracker)."""
+    T, twins = len(states), [[] for _ in states]
+    for k in range(len(states[0])):
+        if rng.random() >= p:
+            continue
+        tc = int(rng.integers(T // 3, max(2 * T // 3, T // 3 + 1) + 1))
+        meet, a = states[min(tc, T - 1)][k], rng.uniform(0, 2 * np.pi)
+        for t in range(1, T):
+            twins[t].append(dict(meet, cy=meet["cy"] + speed * math.sin(a) * (t - tc), cx=meet["cx"] + speed * math.cos(a) * (t - tc),
+                                 r=states[t][k]["r"], angle=states[t][k]["angle"] + 0.3))
+    return twins
+
 class ToyVideos(ToyDataset):
     "`n` videos of `frames` frames: `frames` [T,3,H,W], `masks` [T,H,W] ids, `boxes` [N,4] (frame 0), `object_ids` [N]."
     view = "video"
-    def __init__(self, n: int, frames: int = 8, size: int = 64, seed: int = 0, difficulty: float = 0.5):
+    def __init__(self, n: int, frames: int = 8, size: int = 64, seed: int = 0, difficulty: float = 0.5,
+                 crossing: float = 0.0, morph: float = 0.0):
         super().__init__(n, seed)
         self.frames, self.size, self.difficulty = frames, size, _check_difficulty(difficulty)
+        if not (0 <= crossing <= 1 and 0 <= morph < 1):
+            raise ValueError(f"crossing must be in [0, 1] and morph in [0, 1), got {crossing}, {morph}")
+        self.crossing, self.morph = crossing, morph  # FTMU's knobs (defaults: the original videos, bit-identical)
     def sample(self, rng, i):
         size, d = self.size, self.difficulty
         spec = sample_scene(rng, size, d, n_objects=0)
@@ -640,22 +660,74 @@ class ToyVideos(ToyDataset):
             o["cy"], o["cx"] = [(k + 0.5) * size / 3 + rng.uniform(-1.5, 1.5) for k in divmod(int(cell), 3)]
             a, speed = rng.uniform(0, 2 * np.pi), (1.0 + 2.0 * d) * size / 64
             objs.append(o); vel.append([speed * math.sin(a), speed * math.cos(a), rng.uniform(-0.15, 0.15)])
-        frames, masks, centres = [], [], []
+        grow = [self.morph * float(rng.choice([-1.0, 1.0])) for _ in objs] if self.morph else [0.0] * n_obj
+        states = []  # motion draws no random numbers, so simulating it first keeps the default videos bit-identical
         for _ in range(self.frames):
-            spec["objects"] = [dict(o) for o in objs]
-            img, _, inst = render_scene(spec, rng)
-            frames.append(img); masks.append(inst.astype(np.int64)); centres.append([(o["cy"], o["cx"]) for o in objs])
-            for o, v in zip(objs, vel):
+            states.append([dict(o) for o in objs])
+            for o, v, g in zip(objs, vel, grow):
+                if g:  # gradual scale change: the radius grows or shrinks by `morph` per frame
+                    o["r"] = float(np.clip(o["r"] * (1 + g), 0.06 * size, 0.2 * size))
                 for k, key in enumerate(("cy", "cx")):
                     o[key] += v[k]
                     if not o["r"] <= o[key] <= size - o["r"]:  # bounce off the border
                         v[k] = -v[k]; o[key] = min(max(o[key], o["r"]), size - o["r"])
                 o["angle"] += v[2]
+        twins = crossing_twins(rng, states, self.crossing, (1.0 + 2.0 * d) * size / 64) if self.crossing else [[]] * self.frames
+        frames, masks, dis, centres = [], [], [], []
+        for t in range(self.frames):
+            spec["objects"] = states[t] + twins[t]
+            img, _, inst = render_scene(spec, rng)
+            inst = inst.astype(np.int64)
+            frames.append(img); masks.append(np.where(inst > n_obj, 0, inst)); dis.append(np.where(inst > n_obj, inst - n_obj, 0))
+            centres.append([(o["cy"], o["cx"]) for o in states[t]])
         ids = np.arange(1, n_obj + 1)
-        return dict(frames=torch.from_numpy(np.stack(frames)), masks=torch.from_numpy(np.stack(masks)),
-                    boxes=torch.from_numpy(boxes_of(masks[0][None] == ids[:, None, None])),
-                    object_ids=torch.from_numpy(ids), meta=_meta(self.view, self.seed, i, centres=np.array(centres, np.float32), radii=[o["r"] for o in objs],
-                                                                classes=[o["cls"] for o in objs]))
+        out = dict(frames=torch.from_numpy(np.stack(frames)), masks=torch.from_numpy(np.stack(masks)),
+                   boxes=torch.from_numpy(boxes_of(masks[0][None] == ids[:, None, None])),
+                   object_ids=torch.from_numpy(ids), meta=_meta(self.view, self.seed, i, centres=np.array(centres, np.float32), radii=[o["r"] for o in objs],
+                                                               classes=[o["cls"] for o in objs]))
+        if self.crossing:
+            out["distractors"] = torch.from_numpy(np.stack(dis))
+        if self.morph:
+            out["meta"]["radii_t"] = np.array([[o["r"] for o in s] for s in states], np.float32)
+        return out
+
+
+# %% ../nbs/00_foundations/01_toyworld.ipynb #3a777bec
+def shift_mask(m: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    "Boolean mask `m` [H,W] translated by (dy, dx) pixels, zero-filled."
+    out, (H, W) = np.zeros_like(m), m.shape
+    if abs(dy) < H and abs(dx) < W:
+        out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = m[max(-dy, 0):H - max(dy, 0), max(-dx, 0):W - max(dx, 0)]
+    return out
+
+def toy_detections(video: dict, jitter: float = 0.15, miss: float = 0.1, lookalike: float = 0.1, min_area: int = 4,
+                   seed: int = 0) -> list[dict]:
+    """Simulated instance detections of a `ToyVideos` sample, per frame `dict(masks [K,H,W] bool, scores [K] float,
+    source [K] long)`: true masks (targets and `distractors` twins) shifted by N(0, `jitter`·radius) px, each missed
+    with probability `miss`; a look-alike false candidate (source 0) beside a detection with probability `lookalike`.
+    True detections score U(0.5, 1), false ones U(0.3, 0.9). Deterministic in `seed`."""
+    rng = np.random.default_rng([seed, 7919])
+    masks = video["masks"].numpy()
+    twins = video["distractors"].numpy() if "distractors" in video else np.zeros_like(masks)
+    H, W, out = masks.shape[1], masks.shape[2], []
+    for t in range(len(masks)):
+        ms, sc, src = [], [], []
+        objs = [(int(o), masks[t] == o) for o in np.unique(masks[t]) if 0 < o < 255]
+        objs += [(-int(o), twins[t] == o) for o in np.unique(twins[t]) if o > 0]
+        for sid, m in objs:
+            area = int(m.sum())
+            if area < min_area or rng.random() < miss:
+                continue
+            r = math.sqrt(area / math.pi)
+            dy, dx = np.round(rng.normal(0, jitter * r, 2)).astype(int)
+            ms.append(shift_mask(m, int(dy), int(dx))); sc.append(rng.uniform(0.5, 1.0)); src.append(sid)
+            if rng.random() < lookalike:
+                a = rng.uniform(0, 2 * np.pi)
+                ms.append(shift_mask(m, int(round(1.2 * r * math.sin(a))), int(round(1.2 * r * math.cos(a)))))
+                sc.append(rng.uniform(0.3, 0.9)); src.append(0)
+        out.append(dict(masks=torch.from_numpy(np.stack(ms)) if ms else torch.zeros(0, H, W, dtype=torch.bool),
+                        scores=torch.tensor(sc, dtype=torch.float32), source=torch.tensor(src, dtype=torch.long)))
+    return out
 
 # %% ../nbs/00_foundations/01_toyworld.ipynb #3e01ffa9
 BIRD_PARTS = dict(beak=("short", "long", "hooked"), eye=("dot", "ring"), wing=("plain", "barred", "spotted"))
