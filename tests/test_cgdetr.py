@@ -1,0 +1,220 @@
+"""Checks of the CG-DETR chapter module (seglab.methods.cgdetr): the card's invariants (engagement, dummies, spans,
+matcher, orthogonality, batch size 1), the distillation direction, the data path (ToyWorld and the real QVHighlights
+jsonl), resuming, tour/bench entry points and the full config for one step on the real annotations."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from seglab.config import pick
+from seglab.data.datasets import DatasetNotFoundError, sample_data_dir
+from seglab.methods import cgdetr as cg
+from seglab.toyworld import GROUNDING_VOCAB
+
+from interrupt import Stop, StopAt
+
+QV = sample_data_dir() / "qvhighlights"
+HAS_QV = (QV / "highlight_train_release.jsonl").exists()
+NO_QV = "the real QVHighlights annotations are absent: set SEGLAB_SHARED_DATA to the folder holding qvhighlights/"
+
+
+def tiny(**over):
+    "A toy config small enough for a few training steps in a test."
+    cfg = pick(cg.CONFIG, "toy").replace(n_train=32, n_val=16, batch=4, steps=3, log_every=1, ckpt_every=1)
+    return cfg.replace(**over)
+
+
+def random_batch(cfg, B=3, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(2, len(GROUNDING_VOCAB), (B, 6), generator=g)
+    sal = torch.zeros(B, T)
+    sal[:, 5:9] = torch.tensor([2., 4., 4., 2.])
+    return dict(video=torch.randn(B, T, cfg.video_dim, generator=g), vmask=torch.ones(B, T, dtype=torch.bool),
+                words=words, tmask=torch.ones(B, 6, dtype=torch.bool), saliency=sal, rank=3 * sal,
+                spans=[torch.tensor([[7 / T, 4 / T]])] * B)
+
+
+# ---------------------------------------------------------------- invariants of the method card (§9)
+
+def test_engagement_is_one_minus_dummy_mass_and_one_without_dummies():
+    cfg = tiny()
+    b = random_batch(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        o = cg.build_model(cfg).eval()(b["video"], b["vmask"], b["words"], b["tmask"])
+        o0 = cg.build_model(cfg.replace(n_dummies=0)).eval()(b["video"], b["vmask"], b["words"], b["tmask"])
+    assert o["A"].shape == (3, 32, cfg.n_dummies + 6)            # keys = [dummies; words]
+    assert 0 <= o["e"].min() and o["e"].max() <= 1 and o["e"].std() > 0
+    assert torch.allclose(1 - o["e"], o["A"][..., :cfg.n_dummies].sum(-1), atol=1e-5)
+    assert float((1 - o["e"]).mean()) > 0.05                     # dummies absorb mass: fails when they are switched off
+    assert torch.allclose(o0["e"], torch.ones_like(o0["e"]), atol=1e-5)
+    assert all(((s > 0) & (s < 1)).all() for s in o["spans"])
+
+
+def test_dummies_are_query_dependent():
+    cfg = tiny()
+    b = random_batch(cfg)
+    torch.manual_seed(0)
+    net = cg.build_model(cfg).eval()
+    with torch.no_grad():
+        v, w = net.project(b["video"], b["vmask"], b["words"])
+        d1 = net.dummy_tokens(w, b["tmask"])
+        d2 = net.dummy_tokens(w.roll(1, 0), b["tmask"])
+    assert d1.shape == (3, cfg.n_dummies, cfg.d) and not torch.allclose(d1, d2)
+
+
+def test_matcher_is_optimal_and_random_assignment_is_caught():
+    c = tiny()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        K = int(torch.randint(1, 4, (1,), generator=g))
+        cost = cg.match_cost(torch.randn(5, 2, generator=g), torch.rand(5, 2, generator=g) * .5 + .1,
+                             torch.rand(K, 2, generator=g) * .5 + .1, c)
+        i, j = cg.hungarian_assign(cost)
+        assert len(set(i.tolist())) == K and sorted(j.tolist()) == list(range(K))
+        best = min(sum(float(cost[q, k]) for k, q in enumerate(p)) for p in itertools.permutations(range(5), K))
+        assert float(cost[i, j].sum()) <= best + 1e-5
+
+
+def test_orthogonal_loss():
+    assert cg.orthogonal_loss(torch.eye(5)) < 1e-6
+    x = torch.randn(4, 8)
+    assert cg.orthogonal_loss(x) >= 0 and cg.orthogonal_loss(torch.ones(4, 8)) > 0.7
+
+
+def test_distill_pulls_attention_towards_the_correlation_target():
+    "Steps on L_distill lower the KL to a fixed correlation target; a flipped sign raises it (the check that catches it)."
+    cfg = tiny()
+    b = random_batch(cfg)
+    rel = b["saliency"] > 0
+    torch.manual_seed(0)
+    net = cg.build_model(cfg).train()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    with torch.no_grad():
+        target = net(b["video"], b["vmask"], b["words"], b["tmask"], relevant=rel)["corr"]
+    kls = []
+    for _ in range(6):
+        o = dict(net(b["video"], b["vmask"], b["words"], b["tmask"], relevant=rel), corr=target)
+        loss = cg.distill_loss(o, rel, b["tmask"], net.nd)
+        p = target.softmax(-1)                                       # measured here, independent of the loss's sign
+        kls.append(float((p * (p.log() - o["A"].detach().clamp_min(1e-6).log())).sum(-1)[rel].mean()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert kls[-1] < 0.5 * kls[0], kls
+
+
+def test_all_losses_present_finite_and_batch_size_one_runs():
+    cfg = tiny()
+    torch.manual_seed(0)
+    net = cg.build_model(cfg)
+    L = cg.train_step(net, random_batch(cfg), cfg)
+    assert {"loss", "span", "giou", "label", "saliency", "saliency_e", "ms_align", "distill", "orthogonal"} <= set(L)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in L.values())
+    L1 = cg.train_step(net, random_batch(cfg, B=1), cfg)              # no mismatched pair: the other branch
+    assert torch.isfinite(L1["loss"])
+    L1["loss"].backward()
+
+
+def test_mismatched_queries_drop_identical_pairs():
+    w = torch.tensor([[2, 3], [2, 3], [4, 5]])
+    nw, nm, keep = cg.mismatched_queries(w, w > 0)
+    assert keep.tolist() == [False, True, True] and torch.equal(nw[0], w[1])
+
+
+def test_saliency_losses_prefer_the_right_order():
+    sal = torch.tensor([[0, 2, 4, 2, 0, 0.]])
+    vm = torch.ones(1, 6, dtype=torch.bool)
+    good, bad = torch.tensor([[0, 1, 2, 1, 0, 0.]]), torch.tensor([[2, 1, 0, 1, 2, 2.]])
+    assert cg.margin_loss(good, sal, vm) == 0 < cg.margin_loss(bad, sal, vm)
+    assert cg.rank_contrastive(good * 5, None, 3 * sal, vm) < cg.rank_contrastive(bad * 5, None, 3 * sal, vm)
+
+
+# ---------------------------------------------------------------- data
+
+def test_toy_split_keeps_each_query_with_its_video():
+    "The query of every sample names its own target event (catches queries shuffled across videos)."
+    cfg = tiny()
+    sp = cg.toy_split(cfg, 16, 0)
+    vocab = GROUNDING_VOCAB
+    for i, g in enumerate(sp["gt"]):
+        text = " ".join(vocab[t] for t in sp["words"][i][sp["tmask"][i]].tolist())
+        assert text == g["query"]
+        w = text.split()
+        target = [(s, e) for name, s, e in sp["events"][i] if name == f"{w[2]} {w[4]} {w[5]}"]
+        assert sorted(target) == sorted(map(tuple, g["relevant_windows"]))
+    batch = next(cg.batch_stream(sp, cfg)())
+    idx = torch.randint(16, (cfg.batch,), generator=torch.Generator().manual_seed(cfg.seed))
+    assert torch.equal(batch["words"], sp["words"][idx]) and torch.equal(batch["video"], sp["video"][idx])
+
+
+def test_bad_data_name_names_the_fix():
+    with pytest.raises(ValueError, match="'toy' or 'qvhighlights'"):
+        cg.make_data(tiny(data="tvsum"))
+
+
+@pytest.mark.skipif(not HAS_QV, reason=NO_QV)
+def test_real_jsonl_split_and_missing_features_error():
+    cfg = pick(cg.CONFIG, "full").replace(root=QV)
+    sp = cg.qvh_split(cfg, "val", random_features=True)
+    assert len(sp["gt"]) == 1550 and sp["video"][torch.tensor([0, 1])].shape == (2, 75, 512)
+    assert sp["rank"].max() <= 12 and (sp["rank"] > 0).sum() > 0
+    assert all(((s[:, 1] > 0) & (s[:, 1] <= 1)).all() for s in sp["spans"][:50])
+    with pytest.raises(DatasetNotFoundError, match="seglab data get qvhighlights_features"):
+        cg.qvh_split(cfg, "val")
+
+
+# ---------------------------------------------------------------- training, resume, entry points
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny(steps=4, ckpt_every=2)
+    data = cg.make_data(cfg)
+    ref = cg.train(cfg, data)["model"].state_dict()
+    ckpt = tmp_path / "cgdetr.pt"
+    with pytest.raises(Stop):
+        cg.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
+    assert ckpt.is_file()
+    resumed = cg.train(cfg, data, ckpt=ckpt)["model"].state_dict()
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_evaluate_and_baselines_give_qvhighlights_metrics():
+    cfg = tiny(steps=2)
+    data = cg.make_data(cfg)
+    run = cg.train(cfg, data)
+    scores = cg.evaluate(run["model"], cfg, data["val"])
+    assert {"R1@0.5", "R1@0.7", "mAP", "mAP@0.5", "mAP@0.75", "HD mAP", "HIT@1"} == set(scores)
+    assert all(0 <= v <= 100 for v in scores.values())
+    prior = cg.headline(cg.prior_predictions(data["train"], data["val"]), data["val"]["gt"])
+    assert 0 <= prior["R1@0.5"] <= 100
+
+
+def test_tour_forwards_ckpt_and_reports_baseline(tmp_path, monkeypatch):
+    monkeypatch.setitem(cg.CONFIG, "toy", dict(cg.CONFIG["toy"], n_train=32, n_val=16, batch=4, steps=2, log_every=1))
+    out = cg.tour("toy", ckpt=tmp_path / "cgdetr-toy.pt")
+    assert (tmp_path / "cgdetr-toy.pt").is_file()
+    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(out) and "per-clip" in out["baseline_name"]
+
+
+@pytest.mark.parametrize("profile", ["toy", "full"])
+def test_bench_case_runs_one_step(profile):
+    cfg = pick(cg.CONFIG, profile).replace(device="cpu")
+    if profile == "full":
+        cfg = cfg.replace(batch=2)
+    case = cg.bench_case(cfg)
+    case["run"]()
+    assert case["batch"] == cfg.batch and not hasattr(cg, "BENCH_HAS_CACHE")
+
+
+@pytest.mark.skipif(not HAS_QV, reason=NO_QV)
+def test_full_config_one_step_on_real_qvhighlights_annotations():
+    "The full CONFIG (only root and steps changed) for one step at full size, real jsonl, random official-shape features."
+    cfg = pick(cg.CONFIG, "full").replace(root=QV, steps=1, device="cpu")
+    data = cg.make_data(cfg, random_features=True)
+    assert len(data["train"]["gt"]) == 7218 and len(data["val"]["gt"]) == 1550
+    run = cg.train(cfg, data)
+    net = run["model"]
+    assert net.nd == 45 and len(net.t2v) == 2 and len(net.encoder) == 3 and len(net.decoder) == 3 and net.d == 256
+    rec = run["history"].records
+    assert np.isfinite(rec[0]["loss"]) and {"distill", "ms_align", "saliency_e"} <= set(rec[0])
