@@ -151,3 +151,17 @@ def test_full_config_one_step_on_voc_samples(tmp_path):
     assert torch.equal(yh[0][item["mask"] == 18], item["mask"][item["mask"] == 18])
     with torch.no_grad():
         assert model(item["image"][None]).shape == (1, 21, 256, 256)
+
+
+def test_tour_contract_and_resume(tmp_path, monkeypatch):
+    "`tour` (what `seglab train mbs` and `seglab tour` call) on a shrunken toy config: the contract keys, and a rerun resumes."
+    small = dict(mbs.CONFIG["toy"], n_train=16, n_test=8, batch=4, steps0=4, steps=2)
+    monkeypatch.setitem(mbs.CONFIG, "toy", small)
+    ckpt = tmp_path / "mbs-toy.pt"
+    first = mbs.tour("toy", ckpt=ckpt)
+    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(first)
+    assert isinstance(first["baseline_name"], str) and 0 <= first["chance"] <= 1 and 0 <= first["value"] <= 1
+    assert first["baseline"] == max(first["plkd"], first["finetune"])
+    for tag in ("base-step0", "step1", "step2", "plkd-step2", "finetune-step2"):
+        assert (tmp_path / f"mbs-toy-{tag}.pt").is_file(), tag
+    assert mbs.tour("toy", ckpt=ckpt)["value"] == first["value"]   # finished runs reload their last weights
