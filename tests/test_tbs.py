@@ -107,6 +107,19 @@ def test_breakages_change_the_scores():
         tbs.layer_scores(model, f_q, f_s, mask, 2, "sideways")
 
 
+def test_test_episodes_name_their_condition():
+    with pytest.raises(ValueError, match="not a test condition"):
+        tbs.make_episodes(pick(tbs.CONFIG, "toy"), False, 2, 1, condition="sideways")
+
+
+@pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
+def test_full_profile_test_episodes_need_no_condition(tmp_path):
+    pascal5i_layout(tmp_path)
+    cfg = pick(tbs.CONFIG, "full").replace(data_root=str(tmp_path / "voc2012"), pretrained=False)
+    test = tbs.make_episodes(cfg, False, 2, 1)
+    assert len(test) == 2 and test[0]["support_images"].shape == (1, 3, 320, 320)
+
+
 # --- the full CONFIG, one step at full size on real VOC samples ----------------------------------------------------
 @pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
 @pytest.mark.skipif("slow" not in os.environ.get("SEGLAB_FLAGS", "").split(),

@@ -370,7 +370,11 @@ def make_episodes(cfg, train: bool, n: int | None, shots: int = 1, condition: st
     """K-shot episodes of `cfg.fold`. Toy: `n` `TBSEpisodes` (a list), training ones with the config's knobs
     (`support_lookalike`, `bg_similarity`), test ones under `condition` (a key of `CONDITIONS`). Full: training
     episodes image-driven from the PASCAL-5i list (as SCL's), test episodes `n` fixed-seed `FewShotSegEpisodes`."""
-    seed = cfg.seed + (0 if train else 1000 + shots + 10 * list(CONDITIONS).index(condition)) if seed is None else seed
+    toy_test = cfg.benchmark == "toyworld" and not train
+    if toy_test and condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r} is not a test condition: pick one of {list(CONDITIONS)}")
+    cond = list(CONDITIONS).index(condition) if toy_test else 0        # (full test episodes have no conditions)
+    seed = cfg.seed + (0 if train else 1000 + shots + 10 * cond) if seed is None else seed
     if cfg.benchmark == "toyworld":
         knobs = dict(support_lookalike=cfg.support_lookalike, bg_similarity=cfg.bg_similarity,
                      query_distractors=cfg.query_distractors) if train else dict(CONDITIONS[condition])
