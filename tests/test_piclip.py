@@ -106,6 +106,8 @@ def _coco_episodes(size: int) -> list[dict]:
     return out
 
 
+@pytest.mark.skipif("slow" not in os.environ.get("SEGLAB_FLAGS", "").split(),
+                    reason="slow (CLIP ViT-B/16 + ResNet-50 at 256 px on CPU: 143 s and 2.4 GB on the shared CPU): SEGLAB_FLAGS=slow")
 def test_full_config_one_step_on_real_samples():
     if not (VOC.is_dir() and COCO128.is_dir()):
         pytest.skip(f"real samples not found under {DATA} (set SEGLAB_SHARED_DATA to the folder with voc_samples and coco128_seg)")
@@ -124,3 +126,25 @@ def test_full_config_one_step_on_real_samples():
     assert 0 <= float(bank["vtp"].min()) and float(bank["vtp"].max()) <= 1 and float(bank["vvp"].min()) >= 0
     pred = piclip.predict(model, bank, bank["support_masks"], (cfg.size, cfg.size))
     assert pred.shape == (len(eps), cfg.size, cfg.size)
+
+
+def test_kshot_rw_trained_at_k_gt_1_absent_at_k1():
+    """The K-shot re-weighting (`kshot_rw`) is built for K > 1, is in the optimiser (the official `get_optim` leaves
+    it out) and gets a non-zero gradient from a K-shot training step; a 1-shot model has none (uniform weights)."""
+    cfg = small(shots=2)
+    gen = piclip.build_priors(cfg)
+    bank = piclip.prior_bank(gen, piclip.make_episodes(cfg, True, 2), cache=False)
+    assert bank["mid_s"].shape[1] == 2
+    model = piclip.build_model(cfg, gen)
+    assert model.meta.kshot_rw is not None
+    opt_params = {id(p) for g in piclip._optimizer(model, cfg).param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in model.meta.kshot_rw.parameters())
+    model.meta.train()
+    piclip.train_step(model, bank, cfg.dis_weight)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta.kshot_rw.parameters())
+    w = model.meta.shot_weights(bank["mid_q"], bank["mid_s"])
+    assert torch.allclose(w.sum(1), torch.ones(2)) and not torch.allclose(w, torch.full_like(w, 0.5))
+    one = piclip.build_model(small(), gen)
+    assert one.meta.kshot_rw is None
+    with pytest.raises(ValueError, match="shots=3"):
+        model.meta.shot_weights(bank["mid_q"], torch.cat([bank["mid_s"], bank["mid_s"][:, :1]], 1))

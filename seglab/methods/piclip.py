@@ -25,11 +25,11 @@ from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes, collate
 # %% auto #0
 __all__ = ['CONFIG', 'PRIOR_KEYS', 'TRAINED', 'BENCH_HAS_CACHE', 'episodes', 'prompt_pairs', 'class_names', 'build_readers',
            'visual_text_prior', 'token_match', 'visual_visual_prior', 'PriorGenerator', 'build_priors', 'prior_bank',
-           'EfficientAttention', 'MixFFN', 'SelfBlock', 'MaskedCrossAttention', 'Stage', 'conv_bn', 'HDMNetLite',
-           'gt_logits', 'distillation_loss', 'seg_ce', 'piclip_loss', 'prior_channels', 'PICLIP', 'build_model',
-           'train_step', 'fold_class_ids', 'make_episodes', 'bank_loader', 'train', 'predict', 'evaluate', 'chance',
-           'probe_batches', 'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation', 'shuffle_priors',
-           'zero_priors', 'compare', 'tour', 'bench_case']
+           'EfficientAttention', 'MixFFN', 'SelfBlock', 'MaskedCrossAttention', 'Stage', 'conv_bn', 'gram_discrepancy',
+           'HDMNetLite', 'gt_logits', 'distillation_loss', 'seg_ce', 'piclip_loss', 'prior_channels', 'PICLIP',
+           'build_model', 'train_step', 'fold_class_ids', 'make_episodes', 'bank_loader', 'train', 'predict',
+           'evaluate', 'chance', 'probe_batches', 'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation',
+           'shuffle_priors', 'zero_priors', 'compare', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/43_piclip.ipynb #9d2abe0c
 def episodes(n: int, fold: int = 0, train: bool = False, seed: int = 0, shots: int = 1, size: int = 64,
@@ -267,12 +267,30 @@ def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     "Conv (no bias) + BatchNorm, no activation (HDMNet's `ConvModule` as its heads use it)."
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
 
+def gram_discrepancy(mid_q: torch.Tensor, mid_s: torch.Tensor) -> torch.Tensor:
+    """BAM's per-shot gram discrepancy `psi_k = ||G_q - G_k||_F / ||1||_F` [B,K] between the query's CNN features
+    `mid_q` [B,C,h,w] and each support's `mid_s` [B,K,C,h,w]; `G = f f^T` over positions, each channel L2-normalised."""
+    def gram(x):
+        x = x.float().flatten(2)
+        x = x / (x.norm(dim=2, keepdim=True) + 1e-5)
+        return x @ x.transpose(1, 2)
+    B, K = mid_s.shape[:2]
+    gq, gs = gram(mid_q)[:, None], gram(mid_s.flatten(0, 1)).unflatten(0, (B, K))
+    return (gq - gs).flatten(2).norm(dim=2) / gq.shape[-1]
+
 class HDMNetLite(nn.Module):
     """HDMNet's meta learner, 2 stages, in plain torch. `n_prior` prior channels join the query entry and every
-    stage output (0: HDMNet without priors); `stages=False`: no attention stages (a masked-GAP decoder)."""
+    stage output (0: HDMNet without priors); `stages=False`: no attention stages (a masked-GAP decoder).
+    `shots` > 1 builds BAM's `kshot_rw` (Linear K->`kshot_dim`->K) that weights the K support prototypes (trained)."""
     def __init__(self, mid_dim: int, reduce_dim: int = 32, embed: int = 32, heads=(2, 4), sr=(2, 1), depth: int = 1,
-                 n_prior: int = 4, dropout: float = 0.5, prior_scale: float = 10.0, stages: bool = True):
+                 n_prior: int = 4, dropout: float = 0.5, prior_scale: float = 10.0, stages: bool = True,
+                 shots: int = 1, kshot_dim: int = 2):
         super().__init__()
+        self.shots = shots
+        self.kshot_rw = (nn.Sequential(nn.Linear(shots, kshot_dim), nn.ReLU(inplace=True), nn.Linear(kshot_dim, shots))
+                         if shots > 1 else None)
+        if self.kshot_rw is not None:            # hidden ReLUs alive at the start (psi is in [0, ~1]); see the text
+            nn.init.constant_(self.kshot_rw[0].bias, 1.0)
         self.n_prior, self.prior_scale = n_prior, prior_scale
         down = lambda: nn.Sequential(nn.Conv2d(mid_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
         self.down_q, self.down_s = down(), down()
@@ -284,6 +302,18 @@ class HDMNetLite(nn.Module):
         self.parse = nn.Sequential(conv_bn(embed, embed), conv_bn(embed, embed))       # no activation `[code]`
         self.cls = nn.Sequential(conv_bn(embed, embed), nn.Conv2d(embed, 2, 1))
 
+    def shot_weights(self, mid_q: torch.Tensor, mid_s: torch.Tensor) -> torch.Tensor:
+        """The shots' weights [B,K] (sum 1): the gram discrepancies sorted ascending, through `kshot_rw`, back in shot
+        order, softmax. Uniform 1/K for a model built with `shots=1` (or K = 1)."""
+        B, K = mid_s.shape[:2]
+        if K == 1 or self.kshot_rw is None:
+            return mid_q.new_full((B, K), 1.0 / K, dtype=torch.float32)
+        if K != self.shots:
+            raise ValueError(f"this meta learner's kshot_rw weights {self.shots} shots; got {K} (build it with shots={K})")
+        val, idx = gram_discrepancy(mid_q, mid_s).sort(1)
+        w = self.kshot_rw(val)
+        return torch.zeros_like(w).scatter(1, idx, w).softmax(1)
+
     def forward(self, mid_q: torch.Tensor, mid_s: torch.Tensor, support_masks: torch.Tensor,
                 priors: torch.Tensor | None = None) -> dict:
         "`mid_q` [B,C,h,w], `mid_s` [B,K,C,h,w], `support_masks` [B,K,H,W], `priors` [B,n_prior,h,w] -> `logits`, `corrs`."
@@ -294,7 +324,8 @@ class HDMNetLite(nn.Module):
         fq, fs = self.down_q(mid_q.float()), self.down_s(mid_s.flatten(0, 1).float())
         if self.n_prior:                                        # CLIP's grid (patch 16) -> the CNN's (stride 8)
             priors = F.interpolate(priors.float(), size=fq.shape[-2:], mode="bilinear", align_corners=False)
-        proto = masked_average_pooling(fs, support_masks.flatten(0, 1)).unflatten(0, (B, K)).mean(1)
+        w = self.shot_weights(mid_q, mid_s)[:, :, None]
+        proto = (w * masked_average_pooling(fs, support_masks.flatten(0, 1)).unflatten(0, (B, K))).sum(1)
         P = [self.prior_scale * priors.float()] if self.n_prior else []
         xq = self.merge_q(torch.cat([fq, proto[:, :, None, None].expand_as(fq)] + P, 1))
         xs = self.merge_s(torch.cat([fs, proto.repeat_interleave(K, 0)[:, :, None, None].expand_as(fs)], 1))
@@ -365,7 +396,7 @@ def build_model(cfg, priors: PriorGenerator | None = None) -> PICLIP:
         mid = gen.cnn(torch.zeros(1, 3, cfg.input_size, cfg.input_size, device=dev))["mid"].shape[1]
     seed_everything(cfg.seed)
     meta = HDMNetLite(mid, cfg.reduce_dim, cfg.embed, cfg.heads, cfg.sr, cfg.depth, 4 if cfg.use_priors else 0,
-                      cfg.dropout, cfg.prior_scale, cfg.stages)
+                      cfg.dropout, cfg.prior_scale, cfg.stages, cfg.shots)
     return PICLIP(gen, meta.to(dev), cfg.use_priors)
 
 def train_step(model: PICLIP, batch: dict, dis_weight: float = 1.0) -> dict:
