@@ -97,13 +97,14 @@ def grad_cam(out: dict, scores: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return minmax(cam.float()) * (labels[:, :, None, None] > 0)
 
 # %% ../nbs/00_foundations/03a_clip_cam.ipynb #c9f1a7b9
-def sinkhorn_transition(attn: torch.Tensor, rounds: int = 3) -> torch.Tensor:
-    "Transition matrix `[B,N,N]` from attention `[B,N,N]`: `rounds` of column- then row-normalisation, then ((T+T^T)/2)^2."
+def sinkhorn_transition(attn: torch.Tensor, rounds: int = 3, high_order: bool = False) -> torch.Tensor:
+    """Transition matrix `[B,N,N]` from attention `[B,N,N]`: `rounds` of column- then row-normalisation, then
+    ((T+T^T)/2)^2 (CLIP-ES); `high_order=True`: max(T, T T^T)^2 instead (PI-CLIP's PIR, `rounds=1` there)."""
     t = attn.float().clamp_min(0)
     for _ in range(rounds):
         t = t / t.sum(1, keepdim=True).clamp_min(1e-12)
         t = t / t.sum(2, keepdim=True).clamp_min(1e-12)
-    t = (t + t.transpose(1, 2)) / 2
+    t = torch.maximum(t, t @ t.transpose(1, 2)) if high_order else (t + t.transpose(1, 2)) / 2
     return t @ t
 
 def box_mask(cam: torch.Tensor, thresh: float = 0.4) -> torch.Tensor:
