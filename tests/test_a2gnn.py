@@ -63,12 +63,15 @@ def test_consistency_check_sign_and_locality():
 
 
 def test_l_mp_gradient_stays_in_the_boxes():
-    up = torch.randn(1, 4, 12, 12, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(1, 4, 12, 12, generator=g).requires_grad_(True)
     fb = a2gnn.flat_boxes([torch.tensor([[3., 2., 8., 7.]])], [torch.tensor([2])], 12, 12)
-    loss, _ = a2gnn.mp_loss(up, torch.rand(1, 5, 3, 3), fb, a2gnn.mp_points(up, fb), 1)
+    loss, _ = a2gnn.mp_loss(up, torch.rand(1, 5, 3, 3, generator=g), fb, a2gnn.mp_points(up, fb), 1)
     loss.sum().backward()
-    g = up.grad.abs().sum(1)[0]
-    assert g[2:7, 3:8].sum() > 0 and g.sum() == g[2:7, 3:8].sum()
+    grad = up.grad.abs().sum(1)[0]
+    outside = grad.clone()
+    outside[2:7, 3:8] = 0                                  # (not a float-sum comparison: summation order differs)
+    assert grad[2:7, 3:8].sum() > 0 and (outside == 0).all()
 
 
 def test_l_aff_decreases_on_toy_seeds():

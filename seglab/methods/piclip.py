@@ -18,9 +18,9 @@ from ..cache import feature_cache
 from ..cam import clip_vit_forward, grad_cam, mean_attention, refine_cam, sinkhorn_transition
 from ..config import get_device, pick, seed_everything
 from ..engine import History, derive_seed, fit, lr_schedule, to_device
-from ..fewshot import FrozenEncoder, FrozenReader, fb_iou, feature_mask, matching_probe, resize_input
+from ..fewshot import FrozenEncoder, FrozenReader, feature_mask, matching_probe, resize_input
 from ..metrics import FewShotIoU, auroc
-from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes, collate
+from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'PRIOR_KEYS', 'TRAINED', 'BENCH_HAS_CACHE', 'episodes', 'prompt_pairs', 'class_names', 'build_readers',
