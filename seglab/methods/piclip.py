@@ -12,24 +12,28 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..backbones import clip_model, masked_average_pooling, resnet, toy_clip, toy_cnn_shape
-from ..cache import feature_cache
+from ..cache import feature_cache, fingerprint
 from ..cam import clip_vit_forward, grad_cam, mean_attention, refine_cam, sinkhorn_transition
 from ..config import get_device, pick, seed_everything
 from ..engine import History, derive_seed, fit, lr_schedule, to_device
-from ..fewshot import FrozenEncoder, FrozenReader, feature_mask, matching_probe, resize_input
+from ..data.datasets import VOC_CLASSES, binary_target, resize_image
+from ..fewshot import (FrozenEncoder, FrozenReader, ImageDrivenEpisodes, feature_mask, matching_probe,
+                            resize_input, train_augment)
 from ..metrics import FewShotIoU, auroc
 from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'PRIOR_KEYS', 'TRAINED', 'BENCH_HAS_CACHE', 'episodes', 'prompt_pairs', 'class_names', 'build_readers',
            'visual_text_prior', 'token_match', 'visual_visual_prior', 'PriorGenerator', 'build_priors', 'prior_bank',
-           'EfficientAttention', 'MixFFN', 'SelfBlock', 'MaskedCrossAttention', 'Stage', 'conv_bn', 'gram_discrepancy',
-           'HDMNetLite', 'gt_logits', 'distillation_loss', 'seg_ce', 'piclip_loss', 'prior_channels', 'PICLIP',
-           'build_model', 'train_step', 'fold_class_ids', 'make_episodes', 'bank_loader', 'train', 'predict',
-           'evaluate', 'chance', 'probe_batches', 'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation',
-           'shuffle_priors', 'zero_priors', 'compare', 'tour', 'bench_case']
+           'cached_vtp', 'VTPEpisodes', 'TinyPascal', 'EfficientAttention', 'MixFFN', 'SelfBlock',
+           'MaskedCrossAttention', 'Stage', 'conv_bn', 'gram_discrepancy', 'HDMNetLite', 'gt_logits',
+           'distillation_loss', 'seg_ce', 'piclip_loss', 'prior_channels', 'PICLIP', 'build_model', 'train_step',
+           'fold_class_ids', 'make_episodes', 'bank_loader', 'train', 'predict', 'protocol_seeds', 'evaluate', 'chance',
+           'probe_batches', 'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation', 'shuffle_priors',
+           'zero_priors', 'compare', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/43_piclip.ipynb #9d2abe0c
 def episodes(n: int, fold: int = 0, train: bool = False, seed: int = 0, shots: int = 1, size: int = 64,
@@ -48,11 +52,11 @@ CONFIG = dict(
     toy=dict(benchmark="toyworld", cnn="toy_cnn_shape", clip="toy_clip", clip_pretrained="toy", pretrained=True,
              size=64, input_size=64, attn_layers=(0, 1, 2, 3), vvp_blocks=(2, 3), reduce_dim=32, embed=32,
              heads=(2, 4), sr=(2, 1), depth=1, lr=1e-3, lr_mult=10.0, weight_decay=0.01, batch=8, steps=200,
-             n_train=150, n_test=60, amp=False, augment=False, workers=0, train_list=None, data_root=None),
+             n_train=150, n_test=60, eval_seeds=1, cache_vtp=False, amp=False, augment=False, workers=0, train_list=None, data_root=None),
     full=dict(benchmark="pascal", cnn="resnet50", clip="ViT-B-16-quickgelu", clip_pretrained="openai", pretrained=True,
               size=256, input_size=256, attn_layers=tuple(range(4, 12)), vvp_blocks=(10, 11), reduce_dim=256, embed=64,
               heads=(2, 4), sr=(4, 2), depth=2, lr=1e-4, lr_mult=10.0, weight_decay=0.01, batch=8, steps=2000,
-              n_train=None, n_test=1000, amp=None, augment=True, workers=4,
+              n_train=None, n_test=1000, eval_seeds=10, cache_vtp=True, amp=None, augment=True, workers=4,
               train_list="voc_sbd_merge_noduplicate.txt", data_root=None),
 )
 
@@ -134,8 +138,10 @@ class PriorGenerator(FrozenReader):
         self.high_order, self.rounds = high_order, rounds
 
     def forward(self, query_image: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor,
-                class_id: torch.Tensor) -> dict:
-        "[B,3,H,W], [B,K,3,H,W], [B,K,H,W], [B] -> `mid_q`, `mid_s` [B,K,...], `cam`, `vtp` [B,h,w], `vvp` [B,K,2,h,w]."
+                class_id: torch.Tensor, vtp: torch.Tensor | None = None, cam: torch.Tensor | None = None) -> dict:
+        """[B,3,H,W], [B,K,3,H,W], [B,K,H,W], [B] -> `mid_q`, `mid_s` [B,K,...], `cam`, `vtp` [B,h,w], `vvp` [B,K,2,h,w].
+        `vtp` (and `cam`) given: the query's VTP cached per (image, class) (`VTPEpisodes`); CLIP then runs forward
+        only (no Grad-CAM backward), for VVP."""
         B, K = support_masks.shape[:2]
         S = self.input_size
         q = resize_input(query_image, S)
@@ -144,10 +150,15 @@ class PriorGenerator(FrozenReader):
         s_masked = s * (m == 1)[:, None].to(s.dtype)                                # PI_CLIP.py:403-408
         with torch.no_grad():
             mid_q, mid_s = self.cnn(q)["mid"], self.cnn(s_masked)["mid"]
-        v = visual_text_prior(self.clip, q, self.text[torch.as_tensor(class_id, device=q.device)], self.attn_layers,
-                              self.thresh, self.high_order, self.rounds)
-        vvp = visual_visual_prior(self.clip, v["out"], s.unflatten(0, (B, K)), m.unflatten(0, (B, K)), self.vvp_blocks)
-        return dict(mid_q=mid_q, mid_s=mid_s.unflatten(0, (B, K)), cam=v["cam"].detach(), vtp=v["vtp"].detach(), vvp=vvp)
+        if vtp is None:
+            v = visual_text_prior(self.clip, q, self.text[torch.as_tensor(class_id, device=q.device)], self.attn_layers,
+                                  self.thresh, self.high_order, self.rounds)
+            out, cam, vtp = v["out"], v["cam"].detach(), v["vtp"].detach()
+        else:
+            out = clip_vit_forward(self.clip, q)       # the same kernels as with Grad-CAM: VVP identical bit for bit
+            cam = vtp if cam is None else cam
+        vvp = visual_visual_prior(self.clip, out, s.unflatten(0, (B, K)), m.unflatten(0, (B, K)), self.vvp_blocks)
+        return dict(mid_q=mid_q, mid_s=mid_s.unflatten(0, (B, K)), cam=cam, vtp=vtp, vvp=vvp)
 
 def build_priors(cfg) -> PriorGenerator:
     "The profile's `PriorGenerator`."
@@ -175,6 +186,90 @@ def prior_bank(gen: PriorGenerator, eps, batch: int = 50, cache: bool = True) ->
            gen.rounds, q, s, sm, c)
     bank = feature_cache("piclip-prior-bank", compute, key=key, device="cpu") if cache else compute()
     return dict(bank, query_mask=torch.stack([e["query_mask"] for e in eps]), support_masks=sm, class_id=c)
+
+# %% ../../nbs/40_fewshot/43_piclip.ipynb #a8d639a1
+def cached_vtp(gen: PriorGenerator, image: torch.Tensor, class_id: int, clip_key: str | None = None,
+               root=None) -> dict:
+    """VTP (`vtp`) and raw Grad-CAM (`cam`) `[h,w]` of one [0,1] image `[3,S,S]` for class `class_id`, computed once
+    and stored with `seglab.cache.feature_cache`; the key holds CLIP's weights (`clip_key`: their `fingerprint`,
+    computed here when None), the class id and its prompts, the image and PIR's settings. Returned on the CPU."""
+    clip_key = fingerprint(gen.clip) if clip_key is None else clip_key
+    dev = gen.text.device
+    def compute():
+        v = visual_text_prior(gen.clip, resize_input(image[None].to(dev), gen.input_size), gen.text[[int(class_id)]],
+                              gen.attn_layers, gen.thresh, gen.high_order, gen.rounds)
+        return dict(cam=v["cam"][0].detach(), vtp=v["vtp"][0].detach())
+    key = ("piclip-vtp", clip_key, int(class_id), gen.text[int(class_id)], image, gen.input_size, gen.attn_layers,
+           gen.thresh, gen.high_order, gen.rounds)
+    return feature_cache("piclip-vtp", compute, key=key, root=root, device="cpu")
+
+class VTPEpisodes(ImageDrivenEpisodes):
+    """`seglab.fewshot.ImageDrivenEpisodes` whose query carries its VTP and raw Grad-CAM (`vtp`, `cam` `[h,w]`):
+    `precompute(gen)` runs `cached_vtp` once per (image, class) pair of the episodes on the un-augmented image
+    (resized to `size`); an item moves its map with the query through the same augmentation draws. Items never
+    call CLIP (a pair missing from the table raises)."""
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.table, self.clip_key, self._query, self._maps = {}, None, None, None
+
+    def pairs(self) -> list[tuple[int, int]]:
+        "Every (image index, class id) a query can be drawn as."
+        return [(j, c) for j in self.images for c in self.classes_of[j]]
+
+    def precompute(self, gen: PriorGenerator, root=None) -> int:
+        "Fill the table for `gen`'s CLIP and prompts (from the feature cache where it can); the number of pairs."
+        key = fingerprint(gen.clip, gen.text, gen.input_size, gen.attn_layers, gen.thresh, gen.high_order, gen.rounds)
+        if key != self.clip_key:
+            clip_key = fingerprint(gen.clip)
+            self.table = {(j, c): cached_vtp(gen, resize_image(self.dataset[j]["image"], (self.size, self.size)), c,
+                                             clip_key, root)
+                          for j, c in tqdm(self.pairs(), desc="VTP per (image, class)", leave=False)}
+            self.clip_key = key
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        self._query = self.images[i]
+        try:
+            item = super().__getitem__(i)
+        finally:
+            self._query = None
+        return dict(item, **self._maps)
+
+    def _load(self, j: int, c: int, g: torch.Generator):
+        if j != self._query:
+            return super()._load(j, c, g)
+        if (j, c) not in self.table:
+            raise KeyError(f"no VTP for image {j}, class {c}: call precompute(gen) before drawing episodes")
+        p = self.table[(j, c)]
+        if not self.augment:
+            self._maps = dict(cam=p["cam"], vtp=p["vtp"])
+            return super()._load(j, c, g)
+        g_maps = torch.Generator().set_state(g.get_state())          # the query's draws, replayed on the maps
+        image, mask = super()._load(j, c, g)
+        full = binary_target(self.dataset[j]["mask"], c)
+        maps = F.interpolate(torch.stack([p["cam"], p["vtp"], p["vtp"]])[None].float(), size=full.shape,
+                             mode="bilinear", align_corners=False)[0]
+        maps, _ = train_augment(maps, full, self.size, g_maps, fill=(0.0, 0.0, 0.0))
+        maps = F.adaptive_avg_pool2d(maps, p["vtp"].shape)
+        self._maps = dict(cam=maps[0], vtp=maps[1])
+        return image, mask
+
+# %% ../../nbs/40_fewshot/43_piclip.ipynb #376658c4
+class TinyPascal(torch.utils.data.Dataset):
+    """A tiny PASCAL-like semantic dataset for checks of the full-profile code paths without the data: `n` random
+    images [3,48,56] with a rectangle of class 6 or 7 (moving with i) and one of class 8 (fold-0 training classes)."""
+    name, class_names, num_classes = "tiny_pascal", VOC_CLASSES, 21
+    def __init__(self, n: int = 6, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            img, m = torch.rand(3, 48, 56, generator=g), torch.zeros(48, 56, dtype=torch.long)
+            m[4:30, 6 + i:34 + i], m[32:46, 30:54] = 6 + i % 2, 8
+            self.items.append(dict(image=img, mask=m))
+    def __len__(self): return len(self.items)
+    def __getitem__(self, i): return dict(self.items[i], meta=dict(id=str(i), dataset=self.name))
+    def load_mask(self, i): return self.items[i]["mask"]
+
 
 # %% ../../nbs/40_fewshot/43_piclip.ipynb #8abb7468
 class EfficientAttention(nn.Module):
@@ -382,10 +477,12 @@ class PICLIP(nn.Module):
         return self.meta(f["mid_q"], f["mid_s"], support_masks, prior_channels(f) if self.use_priors else None)
 
     def features(self, batch: dict) -> dict:
-        "The bank entries of a batch: itself when it has them, else the frozen part run on its images."
+        """The bank entries of a batch: itself when it has them, else the frozen part run on its images (reading the
+        batch's cached `vtp`/`cam` when it carries them: `VTPEpisodes`)."""
         if "mid_q" in batch:
             return batch
-        return self.priors(batch["query_image"], batch["support_images"], batch["support_masks"], batch["class_id"])
+        return self.priors(batch["query_image"], batch["support_images"], batch["support_masks"], batch["class_id"],
+                           batch.get("vtp"), batch.get("cam"))
 
 def build_model(cfg, priors: PriorGenerator | None = None) -> PICLIP:
     """PI-CLIP (`use_priors`), HDMNet without priors (`use_priors=False`) or a masked-GAP decoder (`stages=False`);
@@ -414,8 +511,8 @@ def fold_class_ids(cfg) -> list[int]:
 
 def make_episodes(cfg, train: bool, n: int | None, shots: int | None = None, seed: int | None = None):
     """K-shot episodes of `cfg.fold`'s training (`train`) or held-out classes. Toy: `n` ToyWorld episodes (a list).
-    Full: PASCAL-5i through `seglab.fewshot.ImageDrivenEpisodes` (training, PFENet's list) or `n` fixed-seed
-    `FewShotSegEpisodes` (test), resized to `cfg.size`."""
+    Full: PASCAL-5i training episodes as `seglab.fewshot.ImageDrivenEpisodes` draws them (PFENet's list; `VTPEpisodes`
+    when `cfg.cache_vtp`) or `n` fixed-seed `FewShotSegEpisodes` (test), resized to `cfg.size`."""
     shots = shots or cfg.shots
     seed = cfg.seed + (0 if train else 1000 + shots) if seed is None else seed
     if cfg.benchmark == "toyworld":
@@ -426,8 +523,8 @@ def make_episodes(cfg, train: bool, n: int | None, shots: int | None = None, see
     if train:
         lists = dataset_root("voc2012", cfg.data_root).parent / "pascal5i"
         data = VOCSegmentation(cfg.data_root, split="train_aug", list_file=lists / cfg.train_list)
-        return ImageDrivenEpisodes(data, cfg.fold, shots, size=cfg.size, seed=seed, augment=cfg.augment,
-                                   benchmark=cfg.benchmark)
+        kind = VTPEpisodes if cfg.get("cache_vtp") else ImageDrivenEpisodes
+        return kind(data, cfg.fold, shots, size=cfg.size, seed=seed, augment=cfg.augment, benchmark=cfg.benchmark)
     return FewShotSegEpisodes(VOCSegmentation(cfg.data_root, split="val"), fold=cfg.fold, shots=shots, split="test",
                               n_episodes=n, seed=seed, size=(cfg.size, cfg.size), benchmark=cfg.benchmark)
 
@@ -449,7 +546,8 @@ def _optimizer(model: PICLIP, cfg) -> torch.optim.Optimizer:
 
 def train(cfg, data=None, callbacks=(), ckpt=None, priors: PriorGenerator | None = None) -> tuple[PICLIP, History]:
     """Train for `cfg.steps` batches: from a prior bank (`data` a dict), from a list of episodes (banked here), or
-    from an episode dataset whose priors are computed in each step (full). `ckpt`: a checkpoint path, saved every
+    from an episode dataset (full): a `VTPEpisodes` gets its VTP table computed here, once per (image, class), and
+    its steps compute the CNN features and VVP only; any other dataset computes every prior in each step. `ckpt`: a checkpoint path, saved every
     `cfg.ckpt_every` steps; an existing file resumes. `priors`: share an existing frozen part."""
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     model = build_model(cfg, priors)
@@ -457,6 +555,8 @@ def train(cfg, data=None, callbacks=(), ckpt=None, priors: PriorGenerator | None
         data = make_episodes(cfg, True, cfg.n_train)
     if isinstance(data, list):
         data = prior_bank(model.priors.to(device), data, cache=cfg.benchmark == "toyworld")
+    if isinstance(data, VTPEpisodes):
+        data.precompute(model.priors.to(device))
     if isinstance(data, dict):
         loader = bank_loader(data, cfg.batch, cfg.seed)
     else:
@@ -481,17 +581,31 @@ def _batches(bank: dict, batch: int = 50):
     n = len(bank["class_id"])
     return [{k: v[i:i + batch] for k, v in bank.items()} for i in range(0, n, batch)]
 
+def protocol_seeds(cfg) -> list[int]:
+    "The episode seeds of the evaluation protocol: `cfg.eval_seeds` of them, the first the profile's usual test seed."
+    return [cfg.seed + 1000 + cfg.shots + 100 * r for r in range(cfg.get("eval_seeds", 1))]
+
 @torch.no_grad()
-def evaluate(model: PICLIP, cfg, data=None) -> dict:
-    "Few-shot mIoU over the fold's held-out classes, and FB-IoU, on a test bank (or test episodes, banked here)."
+def evaluate(model: PICLIP, cfg, data=None, chunk: int = 100) -> dict:
+    """Few-shot mIoU over the fold's held-out classes, and FB-IoU. `data`: a test bank, or test episodes (banked here
+    `chunk` episodes at a time). `data=None`: the paper's protocol (`test.py:25-28, 183-186`): `cfg.eval_seeds` runs
+    of `cfg.n_test` fixed-seed episodes (`protocol_seeds`); `miou`/`fb_iou` are the means over the runs, `miou_best` the
+    best run (`test.py` prints it too; report the mean) and `runs` the per-run results."""
+    if data is None:
+        runs = [evaluate(model, cfg, make_episodes(cfg, False, cfg.n_test, seed=s), chunk) for s in protocol_seeds(cfg)]
+        mean = lambda k: sum(r[k] for r in runs) / len(runs)
+        return dict(miou=mean("miou"), fb_iou=mean("fb_iou"), miou_best=max(r["miou"] for r in runs),
+                    seeds=protocol_seeds(cfg), runs=runs)
     device = next(model.meta.parameters()).device
-    data = make_episodes(cfg, False, cfg.n_test) if data is None else data
-    bank = data if isinstance(data, dict) else prior_bank(model.priors.to(device), list(data), cache=cfg.benchmark == "toyworld")
     meter = FewShotIoU(fold_class_ids(cfg))
-    for b in _batches(bank):
-        b = to_device(b, device)
-        meter.update(predict(model, b, b["support_masks"], b["query_mask"].shape[-2:]).cpu(), b["query_mask"].cpu(),
-                     b["class_id"].cpu())
+    parts = [data] if isinstance(data, dict) else \
+        [[data[i] for i in range(a, min(a + chunk, len(data)))] for a in range(0, len(data), chunk)]
+    for part in parts:
+        bank = part if isinstance(part, dict) else prior_bank(model.priors.to(device), part, cache=cfg.benchmark == "toyworld")
+        for b in _batches(bank):
+            b = to_device(b, device)
+            meter.update(predict(model, b, b["support_masks"], b["query_mask"].shape[-2:]).cpu(),
+                         b["query_mask"].cpu(), b["class_id"].cpu())
     return meter.compute()
 
 def chance(cfg, bank: dict) -> dict:
@@ -576,7 +690,8 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     cfg = pick(CONFIG, profile)
     t0 = time.time()
     if cfg.benchmark != "toyworld":
-        raise NotImplementedError("the full profile runs from the notebook's `#| gpu` cells (priors inside each step)")
+        raise NotImplementedError("the full profile runs from the notebook's `#| gpu` cell (train on VTPEpisodes, "
+                                  "evaluate(model, cfg) over 10 seeds x 1,000 episodes)")
     r = compare(cfg, ckpt=ckpt)
     base = {k: v for k, v in r["miou"].items() if not k.startswith("PI-CLIP") and k != "chance"}
     name = max(base, key=base.get)
