@@ -24,14 +24,15 @@ from .config import atomic_path, cache_root, seed_everything, sha256sum
 
 # %% auto #0
 __all__ = ['IMAGENET_NORM', 'CLIP_NORM', 'TOY_NORM', 'DINO_VITS', 'RESNETS', 'EFFICIENTNET_LITE0_SHA256', 'EFFICIENTNET_NORM',
-           'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained', 'normalize',
-           'dino_vit', 'attention_logits', 'self_attention', 'vit_features', 'resnet', 'efficientnet_lite0',
-           'cnn_stages', 'cnn_features', 'clip_model', 'interpolate_pos_embed', 'clip_stem', 'clip_features',
-           'clip_text_classifier', 'clip_dense_similarity', 'masked_average_pooling', 'masked_support_prior',
-           'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes', 'clip_loss',
-           'object_spec', 'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent', 'shared_points',
-           'features_at', 'contrastive_vit', 'reappear', 'rerendered_pairs', 'pretrain_toy', 'load_toy', 'toy_vit',
-           'toy_clip', 'toy_cnn', 'toy_cnn_shape', 'toy_vit_xi', 'patch_labels', 'knn_patch_predict']
+           'TOY_IMG', 'TOY_STEPS', 'ASSETS', 'SHAPE_PHRASES', 'TOY_NAMES', 'WeightsUnavailableError', 'load_pretrained',
+           'normalize', 'dino_vit', 'attention_logits', 'self_attention', 'vit_features', 'resnet',
+           'efficientnet_lite0', 'cnn_stages', 'cnn_features', 'clip_model', 'interpolate_pos_embed', 'clip_stem',
+           'clip_features', 'clip_text_classifier', 'clip_dense_similarity', 'masked_average_pooling',
+           'masked_support_prior', 'build_toy_vit', 'build_toy_clip', 'toy_tokenizer', 'build_toy_cnn', 'toy_scenes',
+           'clip_loss', 'object_spec', 'object_scenes', 'drop_words', 'colour_distort', 'random_views', 'nt_xent',
+           'shared_points', 'features_at', 'contrastive_vit', 'reappear', 'rerendered_pairs', 'shape_phrase_map',
+           'swap_shapes', 'patch_phrase_loss', 'shape_grounding', 'pretrain_toy', 'load_toy', 'toy_vit', 'toy_clip',
+           'toy_cnn', 'toy_cnn_shape', 'toy_clip_shape', 'toy_vit_xi', 'patch_labels', 'knn_patch_predict']
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #77e71237
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -292,7 +293,7 @@ def masked_support_prior(query_feats: torch.Tensor, support_feats: torch.Tensor,
 
 # %% ../nbs/00_foundations/03_backbones.ipynb #db77603f
 TOY_IMG = 64
-TOY_STEPS = dict(vit=500, clip=500, cnn=300, cnn_shape=1200, vit_xi=2400)
+TOY_STEPS = dict(vit=500, clip=500, cnn=300, cnn_shape=1200, vit_xi=2400, clip_shape=1800)
 ASSETS = Path(__file__).parent / "assets" if "__file__" in globals() else Path("../../seglab/assets")
 
 def build_toy_vit(seed: int = 0) -> VisionTransformer:
@@ -557,10 +558,101 @@ def _pretrain_vit_xi(seed: int, steps: int, **kw):
     return contrastive_vit(pairs, seed, steps, **kw)
 
 
+# %% ../nbs/00_foundations/03_backbones.ipynb #66b1f427
+SHAPE_PHRASES = tuple(f"a {s}" for s in ("disk", "square", "triangle", "ring")) + \
+    tuple(f"a picture of {s}" for s in ("sky", "grass", "water", "brick"))   # shapes first, then the stuff words
+
+def shape_phrase_map(mask: torch.Tensor) -> torch.Tensor:
+    "ToyWorld class ids `[...,H,W]` -> index into `SHAPE_PHRASES`: a thing's shape (0-3), a stuff class (4-7)."
+    from seglab.toyworld import CLASS_NAMES, NUM_STUFF, SHAPES, THING_ATTRS
+    lut = torch.tensor([SHAPES.index(THING_ATTRS[n][0]) if i >= NUM_STUFF else len(SHAPES) + i
+                        for i, n in enumerate(CLASS_NAMES)], device=mask.device)
+    return lut[mask]
+
+def swap_shapes(caption: str, g: torch.Generator) -> str:
+    "A hard negative: every shape word of `caption` replaced by another shape drawn with `g`."
+    from seglab.toyworld import SHAPES
+    def other(m):
+        rest = [s for s in SHAPES if s != m.group(0)]
+        return rest[int(torch.randint(len(rest), (1,), generator=g))]
+    return re.sub(r"\b(" + "|".join(SHAPES) + r")\b", other, caption)
+
+def patch_phrase_loss(patch: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, target: torch.Tensor,
+                      w_thing: float = 4.0, n_shapes: int = 4) -> torch.Tensor:
+    """Dense patch-phrase cross-entropy: `patch` [B,E,h,w] (projected patch tokens), `text` [K,E] phrase embeddings,
+    `target` [B,H,W] phrase index per pixel; soft targets = each patch's phrase fractions, thing patches weighted
+    by `1 + (w_thing - 1) * thing fraction`."""
+    logits = scale * torch.einsum("behw,ke->bkhw", F.normalize(patch, dim=1), F.normalize(text, dim=-1))
+    q = F.adaptive_avg_pool2d(F.one_hot(target, len(text)).permute(0, 3, 1, 2).float(), patch.shape[-2:])
+    w = 1 + (w_thing - 1) * q[:, :n_shapes].sum(1)
+    return (w * -(q * logits.log_softmax(1)).sum(1)).sum() / w.sum()
+
+def _pretrain_clip_shape(seed: int, steps: int, batch: int = 64, lr: float = 2e-3, objects: float = 0.5,
+                         w_dense: float = 2.0, n_scenes: int = 4096, n_objects: int = 2048):
+    """`clip_shape`: the toy CLIP on shared-palette scenes and object-centric images (a fraction `objects` of each
+    batch), CLIP's loss with shape-swapped hard negatives + `w_dense` x `patch_phrase_loss` (masks as the stand-in
+    for web-scale localisation)."""
+    sc = toy_scenes(n_scenes, seed=seed + 1, captions=True, palette="shared")
+    ob = object_scenes(n_objects, seed=seed + 2, palette="shared")
+    images, captions = torch.cat([sc["image"], ob["image"]]), sc["caption"] + ob["caption"]
+    phrase = shape_phrase_map(torch.cat([sc["mask"], ob["mask"]]))
+    model, g, tok = build_toy_clip(seed).train(), torch.Generator().manual_seed(seed), toy_tokenizer()
+    opt, n_obj = _adamw(model, lr), round(batch * objects)
+    for step in range(steps):
+        idx = torch.cat([torch.randint(n_scenes, (batch - n_obj,), generator=g),
+                         n_scenes + torch.randint(n_objects, (n_obj,), generator=g)])
+        caps = [drop_words(captions[i], g) for i in idx]
+        flip = (torch.rand(batch, generator=g) < 0.5)
+        x = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])
+        y = torch.where(flip[:, None, None], phrase[idx].flip(-1), phrase[idx])
+        _cosine_lr(opt, step, steps, lr, warmup=100)
+        f = clip_features(model, x)
+        t = model.encode_text(tok(caps + [swap_shapes(c, g) for c in caps] + list(SHAPE_PHRASES)))
+        s = model.logit_scale.exp()
+        same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float)
+        y_soft = same / same.sum(1, keepdim=True)
+        logits = s * F.normalize(f["image"], dim=-1) @ F.normalize(t[:2 * batch], dim=-1).T   # [B, 2B]
+        l_clip = 0.5 * (F.cross_entropy(logits, torch.cat([y_soft, torch.zeros_like(y_soft)], 1))
+                        + F.cross_entropy(logits[:, :batch].T, y_soft))
+        l_dense = patch_phrase_loss(f["patch"], t[2 * batch:], s, y)
+        loss = l_clip + w_dense * l_dense
+        opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    return model, dict(loss=round(loss.item(), 4), clip=round(l_clip.item(), 4), dense=round(l_dense.item(), 4),
+                       token_ids=sorted(set(tok(captions + list(SHAPE_PHRASES)).flatten().tolist())))
+
+def shape_grounding(model, tokenizer, scenes: dict) -> dict:
+    """How well a toy CLIP grounds the shape words on `scenes` (shared palette; `image`, `mask` with ToyWorld class
+    ids): `dense_miou` / `dense_things` (zero-shot: each patch takes the most similar of the 8 `SHAPE_PHRASES`,
+    upsampled to the pixels; mIoU over the 8 shape/stuff classes, and over the 4 shapes), and `cam_margin`: CLIP-ES's
+    Grad-CAM of each shape present (softmax over the image's shapes and the stuff phrases, as WeCLIP uses it), mean
+    inside that shape's pixels minus mean outside, averaged over (image, shape) pairs."""
+    import numpy as np
+    from seglab.cam import class_scores, clip_vit_forward, grad_cam
+    from seglab.metrics import ConfusionMatrix
+    n_sh = 4
+    truth = shape_phrase_map(scenes["mask"])
+    text = torch.cat([clip_text_classifier(model, tokenizer, [p], templates=("{}",)) for p in SHAPE_PHRASES])
+    with torch.no_grad():
+        sim = torch.einsum("behw,ke->bkhw", F.normalize(clip_features(model, scenes["image"])["patch"], dim=1), text)
+    pred = F.interpolate(sim, size=truth.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    iou = ConfusionMatrix(len(SHAPE_PHRASES)).update(pred, truth).compute()["iou"]
+    labels = torch.stack([(truth == k).flatten(1).any(1) for k in range(n_sh)], 1).float()
+    out = clip_vit_forward(model, scenes["image"])
+    cam = grad_cam(out, class_scores(out["feat"], text, labels=labels), labels).detach()
+    cam = F.interpolate(cam, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+    margins = [cam[b, k][truth[b] == k].mean() - cam[b, k][truth[b] != k].mean() for b, k in labels.nonzero().tolist()]
+    return dict(dense_miou=float(np.nanmean(iou)), dense_things=float(np.nanmean(iou[:n_sh])),
+                cam_margin=float(torch.stack(margins).mean()))
+
+
 # %% ../nbs/00_foundations/03_backbones.ipynb #b154dd79
-TOY_NAMES = ("vit", "clip", "cnn", "cnn_shape", "vit_xi")
-_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn, cnn_shape=_pretrain_cnn_shape, vit_xi=_pretrain_vit_xi)
-_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn, cnn_shape=build_toy_cnn, vit_xi=build_toy_vit)
+TOY_NAMES = ("vit", "clip", "cnn", "cnn_shape", "vit_xi", "clip_shape")
+_TRAIN = dict(vit=_pretrain_vit, clip=_pretrain_clip, cnn=_pretrain_cnn, cnn_shape=_pretrain_cnn_shape, vit_xi=_pretrain_vit_xi,
+              clip_shape=_pretrain_clip_shape)
+_BUILD = dict(vit=build_toy_vit, clip=build_toy_clip, cnn=build_toy_cnn, cnn_shape=build_toy_cnn, vit_xi=build_toy_vit,
+              clip_shape=build_toy_clip)
 
 def _check_name(name: str) -> str:
     if name not in TOY_NAMES:
@@ -648,6 +740,10 @@ def toy_cnn() -> ResNet:
 def toy_cnn_shape() -> ResNet:
     "The frozen toy ResNet pretrained on shared-palette image labels (class = shape + part; `cnn_features`)."
     return load_toy("cnn_shape")
+
+def toy_clip_shape():
+    "The frozen toy CLIP that grounds shape words on shared-palette scenes, and its tokenizer (see `SHAPE_PHRASES`)."
+    return load_toy("clip_shape"), toy_tokenizer()
 
 def toy_vit_xi() -> VisionTransformer:
     "The frozen self-supervised toy ViT trained on re-rendered shared-palette scenes (patch neighbours cross instances; `vit_features`)."

@@ -269,3 +269,20 @@ def test_bench_case_steps_both_nets_with_displacements(monkeypatch):
 def test_toy_profile_trains_in_fp32():
     "bf16 autocast made the toy step ~7x slower on the CI CPU (AVX2, no bf16 units): the toy config must not enable it."
     assert pick(abd.CONFIG, "toy").get("amp") in (None, False)
+
+
+def test_tour_baseline_is_the_converged_labelled_only_run(tmp_path, monkeypatch):
+    "`tour`'s baseline is the notebook's: labelled-only with 3x `batch_l` labelled slices per step, same iterations."
+    small = dict(abd.CONFIG["toy"], n_train=3, slices=4, n_volumes=1, channels=(4, 8, 8, 8, 8), batch_l=2, batch_u=2,
+                 iters=2, log_every=1)
+    monkeypatch.setitem(abd.CONFIG, "toy", small)
+    seen, real_train = [], abd.train
+
+    def spy(cfg, *a, **kw):
+        seen.append(cfg)
+        return real_train(cfg, *a, **kw)
+    monkeypatch.setattr(abd, "train", spy)
+    out = abd.tour("toy")
+    sup = [c for c in seen if c.method == "supervised"]
+    assert len(sup) == 1 and sup[0].batch_l == 3 * small["batch_l"] and sup[0].iters == small["iters"]
+    assert sup[0] == abd.labelled_only_config(seen[0]) and "3x labelled slices" in out["baseline_name"]

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seglab import backbones as bb
 
@@ -88,3 +89,50 @@ def test_reappear_keeps_geometry_and_reads_no_label_only_the_spec():
     (a, sa, ia), (b, sb, ib) = render_scene(spec, rng), render_scene(new, rng)
     assert (sa == sb).all() and (ia == ib).all() and abs(a - b).mean() > 0.05
     assert [o["cls"] for o in new["objects"]] == [o["cls"] for o in spec["objects"]]
+
+
+def test_shape_phrase_map_and_swap_shapes():
+    "Thing ids map to their shape's phrase (0-3), stuff to 4-7; a hard negative changes every shape word and nothing else."
+    from seglab.toyworld import CLASS_NAMES, SHAPES, THING_ATTRS
+    got = bb.shape_phrase_map(torch.arange(len(CLASS_NAMES)))
+    for i, n in enumerate(CLASS_NAMES):
+        want = f"a {THING_ATTRS[n][0]}" if n in THING_ATTRS else f"a picture of {n}"
+        assert bb.SHAPE_PHRASES[int(got[i])] == want
+    cap = "a red disk with a slit, a blue ring and a green bare triangle on grass"
+    for seed in range(5):
+        neg = bb.swap_shapes(cap, torch.Generator().manual_seed(seed))
+        a, b = cap.split(), neg.split()
+        assert len(a) == len(b) and all((x == y) != (x.strip(",") in SHAPES) for x, y in zip(a, b))
+        assert all(y.strip(",") in SHAPES for x, y in zip(a, b) if x.strip(",") in SHAPES)
+
+
+def test_patch_phrase_loss_prefers_the_true_phrase_and_weights_things():
+    "Lower loss when each patch points at its own phrase; thing patches weigh `w_thing` times a stuff patch."
+    text = torch.eye(8, 16)
+    target = torch.randint(8, (2, 2, 2), generator=torch.Generator().manual_seed(0)).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    patch_true = F.one_hot(F.avg_pool2d(F.one_hot(target, 8).permute(0, 3, 1, 2).float(), 8).argmax(1), 16).permute(0, 3, 1, 2).float()
+    scale = torch.tensor(10.0)
+    assert bb.patch_phrase_loss(patch_true, text, scale, target) < bb.patch_phrase_loss(patch_true.roll(1, 1), text, scale, target)
+    target = torch.cat([torch.zeros(1, 8, 8), torch.full((1, 8, 8), 5)], 2).long()   # a disk patch | a grass patch
+    patch = torch.randn(1, 16, 1, 2)
+    ce = -(10 * F.normalize(patch, dim=1)[0, :, 0].T @ F.normalize(text, dim=-1).T).log_softmax(1)
+    want = (4 * ce[0, 0] + ce[1, 5]) / 5
+    assert torch.isclose(bb.patch_phrase_loss(patch, text, scale, target, w_thing=4.0), want, atol=1e-5)
+
+
+def test_pretrain_clip_shape_is_deterministic_and_records_its_tokens():
+    "Two short runs give identical weights; the trained token rows cover every word of the phrases."
+    a, ia = bb._pretrain_clip_shape(0, 2, n_scenes=8, n_objects=8)
+    b, ib = bb._pretrain_clip_shape(0, 2, n_scenes=8, n_objects=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ia == ib and set(bb.toy_tokenizer()(list(bb.SHAPE_PHRASES)).flatten().tolist()) <= set(ia["token_ids"])
+
+
+def test_clip_shape_loads_frozen_and_grounds_shapes_better_than_the_toy_clip():
+    "The shipped `clip_shape` (sha256-checked) is frozen, new weights, and its dense zero-shot beats the toy CLIP's on shapes."
+    from seglab.toyworld import make_scenes
+    (old, tok), (new, tok2) = bb.toy_clip(), bb.toy_clip_shape()
+    assert not any(p.requires_grad for p in new.parameters()) and tok2.context_length == tok.context_length
+    scenes = make_scenes(48, seed=1004, palette="shared")
+    g_old, g_new = bb.shape_grounding(old, tok, scenes), bb.shape_grounding(new, tok2, scenes)
+    assert g_new["dense_miou"] >= g_old["dense_miou"] + 0.2 and g_new["dense_things"] >= g_old["dense_things"] + 0.03

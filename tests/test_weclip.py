@@ -254,3 +254,23 @@ def test_rfm_phase_trains_on_the_rfm_pseudo_labels():
     model.steps_done = 5                                     # rfm_start 0.5 of 10 steps
     out = train_step(model, batch)
     assert out["rfm"] == 1.0 and abs(float(out["l_seg"]) - l_rfm) < 1e-5 and abs(l_rfm - l_static) > 1e-4
+
+
+def test_shape_label_space_uses_the_shape_clip_and_leaves_the_colour_default():
+    "backbone='toy_shape': shared-palette scenes labelled by shape (bg 0, shapes 1-4), `clip_shape` and its phrases."
+    from seglab.backbones import SHAPE_PHRASES, clip_text_classifier, toy_clip_shape
+    from seglab.methods import weclip
+    from seglab.toyworld import SHAPES, make_scenes
+    cfg = pick(CONFIG, "toy")
+    assert cfg.backbone == "toy" and weclip.toy_labels(cfg) == "colour" and weclip.toy_labels(pick(CONFIG, "full")) is None
+    d = weclip.toy_data(16, 5, labels="shape")
+    shared = make_scenes(16, seed=5, palette="shared")
+    assert torch.equal(d["image"], shared["image"]) and int(d["mask"].max()) <= len(SHAPES)
+    assert torch.equal(d["labels"] > 0, torch.stack([(d["mask"] == k + 1).flatten(1).any(1) for k in range(len(SHAPES))], 1))
+    assert torch.equal(d["mask"] == 0, shared["mask"] < 4)             # every stuff pixel is background
+    clip, tok, text, names = weclip.frozen_clip(cfg.replace(backbone="toy_shape"))
+    model, _ = toy_clip_shape()
+    assert names == ("background",) + SHAPES and text.shape == (8, model.text_projection.shape[1])
+    assert torch.allclose(text, torch.cat([clip_text_classifier(model, tok, [p], ("{}",)) for p in SHAPE_PHRASES]), atol=1e-5)
+    with pytest.raises(ValueError, match="'colour' or 'shape'"):
+        weclip.toy_data(4, 0, labels="texture")

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-from ..backbones import clip_model, toy_clip
+from ..backbones import clip_model, shape_phrase_map, toy_clip, toy_clip_shape
 from ..baselines import fit_pixel_classifier, predict_dense
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label,
                         class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
@@ -22,13 +22,14 @@ from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import amp_setup, fit, loader_factory, lr_schedule, tensor_batches
 from ..metrics import ConfusionMatrix
-from ..toyworld import COLOUR_CLASSES, collate, make_scenes
+from ..toyworld import COLOUR_CLASSES, SHAPES, STUFF, collate, make_scenes
 
 # %% auto #0
-__all__ = ['CONFIG', 'TOY_CLASSES', 'BENCH_HAS_CACHE', 'toy_data', 'frozen_clip', 'clip_pass', 'cached_pass', 'WeCLIPDecoder',
-           'rfm_select', 'pseudo_labels', 'seg_loss', 'affinity_label', 'aff_loss', 'WeCLIP', 'build_model', 'use_rfm',
-           'train_step', 'make_optimizer', 'checksum', 'cache_clip_pass', 'toy_batches', 'train', 'bench_case',
-           'WeakCrops', 'voc_dataset', 'voc_batches', 'eval_batches', 'evaluate', 'tour']
+__all__ = ['CONFIG', 'TOY_CLASSES', 'SHAPE_CLASSES', 'TOY_BACKBONES', 'BENCH_HAS_CACHE', 'toy_data', 'toy_labels', 'frozen_clip',
+           'clip_pass', 'cached_pass', 'WeCLIPDecoder', 'rfm_select', 'pseudo_labels', 'seg_loss', 'affinity_label',
+           'aff_loss', 'WeCLIP', 'build_model', 'use_rfm', 'train_step', 'make_optimizer', 'checksum',
+           'cache_clip_pass', 'toy_batches', 'train', 'bench_case', 'WeakCrops', 'voc_dataset', 'voc_batches',
+           'eval_batches', 'evaluate', 'tour']
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #a8a12ea2
 CONFIG = dict(
@@ -43,20 +44,41 @@ CONFIG = dict(
               amp=True, pretrained="openai"),
 )
 
-def toy_data(n: int, seed: int, size: int = 64) -> dict:
-    """ToyWorld scenes in the toy label space (`toyworld.make_scenes(..., label="colour")`): `image`, image-level
-    `labels` [n,6] (the colours; background is never a label) and `mask` (background 0, colours 1..6; evaluation only)."""
-    s = make_scenes(n, size=size, seed=seed, label="colour")
-    return dict(image=s["image"], labels=s["labels"][:, 1:], mask=s["mask"])
+def toy_data(n: int, seed: int, size: int = 64, labels: str = "colour") -> dict:
+    """ToyWorld scenes in a toy label space: `image`, image-level `labels` [n,K] (background is never a label) and
+    `mask` (background 0, classes 1..K; evaluation only). `labels="colour"`: the objects' colour
+    (`toyworld.make_scenes(..., label="colour")`, K = 6); `labels="shape"`: **shared-palette** scenes labelled by the
+    objects' shape (K = 4: disk, square, triangle, ring; colour and texture say nothing about the class)."""
+    if labels == "colour":
+        s = make_scenes(n, size=size, seed=seed, label="colour")
+        return dict(image=s["image"], labels=s["labels"][:, 1:], mask=s["mask"])
+    if labels != "shape":
+        raise ValueError(f"labels must be 'colour' or 'shape', got {labels!r}")
+    s = make_scenes(n, size=size, seed=seed, palette="shared")
+    k = shape_phrase_map(s["mask"])                                   # shapes 0-3, stuff 4-7
+    mask = torch.where(k < len(SHAPES), k + 1, 0)
+    present = torch.zeros(n, len(SHAPES) + 1).scatter_(1, mask.flatten(1), 1.0)[:, 1:]
+    return dict(image=s["image"], labels=present, mask=mask)
 
 TOY_CLASSES = COLOUR_CLASSES
+SHAPE_CLASSES = ("background",) + SHAPES
+TOY_BACKBONES = {"toy": "colour", "toy_shape": "shape"}   # toy backbone -> the label space its CLIP can ground
+
+def toy_labels(cfg) -> str | None:
+    "The toy label space of `cfg.backbone` ('colour' for the toy CLIP, 'shape' for `clip_shape`), None off the toy."
+    return TOY_BACKBONES.get(cfg.backbone)
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #f1c964ff
 def frozen_clip(cfg) -> tuple[nn.Module, object, torch.Tensor, tuple[str, ...]]:
-    "The frozen CLIP of `cfg.backbone` ('toy' or an open_clip name), its tokenizer, the text embeddings `[K+W,E]` and the class names."
+    """The frozen CLIP of `cfg.backbone` ('toy': the toy CLIP on colour classes; 'toy_shape': `clip_shape` on shape
+    classes, prompts "a {shape}" and background words "a picture of {stuff}"; or an open_clip name), its tokenizer,
+    the text embeddings `[K+W,E]` and the class names."""
     if cfg.backbone == "toy":
         model, tok = toy_clip()
         return model, tok, colour_prompts(model, tok), TOY_CLASSES
+    if cfg.backbone == "toy_shape":
+        model, tok = toy_clip_shape()
+        return model, tok, prompt_classifier(model, tok, SHAPES, STUFF, ("a {}",), ("a picture of {}",)), SHAPE_CLASSES
     model, tok = clip_model(cfg.backbone, pretrained=cfg.get("pretrained", "openai"))
     return model, tok, prompt_classifier(model, tok, VOC_FG_NAMES, VOC_BG_WORDS, (CLIP_ES_TEMPLATE,)), \
         ("background",) + tuple(n.split(" ")[0] for n in VOC_FG_NAMES)
@@ -251,8 +273,8 @@ def train(cfg, callbacks=(), data=None, ckpt=None, ckpt_every: int = 100,
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     model = build_model(cfg)
     if data is None:
-        data = toy_batches(cache_clip_pass(model, toy_data(cfg.n_train, cfg.seed + 100, cfg.size)), cfg.batch,
-                           cfg.seed) if cfg.backbone == "toy" else voc_batches(cfg)
+        data = toy_batches(cache_clip_pass(model, toy_data(cfg.n_train, cfg.seed + 100, cfg.size, toy_labels(cfg))),
+                           cfg.batch, cfg.seed) if toy_labels(cfg) else voc_batches(cfg)
     opt = make_optimizer(model, cfg)
     sched = lr_schedule(opt, cfg.steps, kind="poly", warmup_steps=min(cfg.warmup, cfg.steps // 10), power=1.0)
     hist = fit(model, functools.partial(train_step, seg_loss_fn=seg_loss_fn), data, opt, steps=cfg.steps,
@@ -333,8 +355,8 @@ def voc_batches(cfg, split: str = "train_aug"):
 # %% ../../nbs/20_weak/21_weclip.ipynb #9fc7ff37
 def eval_batches(cfg, data=None, batch: int = 32):
     "Evaluation batches `(images, labels, masks)`: ToyWorld tensors, or VOC val samples resized to `cfg.size`."
-    if data is None and cfg.backbone == "toy":
-        data = toy_data(cfg.n_val, cfg.seed + 200, cfg.size)
+    if data is None and toy_labels(cfg):
+        data = toy_data(cfg.n_val, cfg.seed + 200, cfg.size, toy_labels(cfg))
     if isinstance(data, dict):
         for k in range(0, len(data["image"]), batch):
             yield data["image"][k:k + batch], data["labels"][k:k + batch], data["mask"][k:k + batch]
@@ -373,10 +395,10 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     cfg = pick(CONFIG, profile)
     t0 = time.time()
     rgb = float("nan")
-    if cfg.backbone == "toy":
-        cached = cache_clip_pass(build_model(cfg), toy_data(cfg.n_train, cfg.seed + 100, cfg.size))
+    if toy_labels(cfg):
+        cached = cache_clip_pass(build_model(cfg), toy_data(cfg.n_train, cfg.seed + 100, cfg.size, toy_labels(cfg)))
         model, _ = train(cfg, data=toy_batches(cached, cfg.batch, cfg.seed), ckpt=ckpt)   # what train(cfg) builds
-        val = toy_data(cfg.n_val, cfg.seed + 200, cfg.size)
+        val = toy_data(cfg.n_val, cfg.seed + 200, cfg.size, toy_labels(cfg))
         pixel = fit_pixel_classifier(cached["image"], cached["y_static"], len(model.class_names), seed=cfg.seed)
         rgb = ConfusionMatrix(len(model.class_names)).update(predict_dense(pixel, val["image"]), val["mask"]).compute()["miou"]
     else:
