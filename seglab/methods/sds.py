@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import clip_model, clip_text_classifier, toy_clip
+from ..backbones import clip_features, clip_model, clip_text_classifier, toy_clip, toy_clip_shape
 from ..baselines import subset
 from ..cache import feature_cache
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label, class_scores,
@@ -22,24 +22,24 @@ from ..config import get_device, pick, seed_everything
 from ..data.datasets import VOCSegmentation, dataset_root, read_image, read_label, require
 from ..engine import amp_setup, fit, tensor_batches
 from ..metrics import ConfusionMatrix
-from ..toyworld import NUM_CLASSES, NUM_STUFF, STUFF, THINGS, SyntheticPairs, TinyFCN, chance_miou, collate
+from ..toyworld import NUM_CLASSES, NUM_STUFF, STUFF, THING_ATTRS, THINGS, SyntheticPairs, TinyFCN, chance_miou, collate
 
 # %% auto #0
 __all__ = ['CONFIG', 'toy_pool', 'clean_val', 'frozen_clip', 'fg_mask', 'class_labels', 'shuffle_tiles', 'permute_channels',
-           'entropy', 'perturb', 'pcs_score', 'clip_annotation', 'clip_pass', 'cached_clip_pass', 'asf_score',
-           'class_count', 'top_per_group', 'sds_select', 'random_subset', 'selection_quality', 'build_model',
-           'normalize_imagenet', 'train_step', 'select', 'train', 'small_loss_select', 'evaluate', 'compare', 'tour',
-           'bench_case', 'SyntheticFolder', 'real_pool', 'real_val']
+           'entropy', 'perturb', 'pcs_score', 'clip_annotation', 'dense_annotation', 'clip_pass', 'cached_clip_pass',
+           'asf_score', 'class_count', 'top_per_group', 'sds_select', 'random_subset', 'selection_quality',
+           'build_model', 'normalize_imagenet', 'train_step', 'select', 'train', 'small_loss_select', 'evaluate',
+           'compare', 'tour', 'bench_case', 'SyntheticFolder', 'real_pool', 'real_val']
 
 # %% ../../nbs/20_weak/24_sds.ipynb #983a1798
 CONFIG = dict(
     common=dict(seed=0, perturb="tiles", grid=4, box_thresh=0.4, conf=0.6, keep=0.5,
                 weight_decay=1e-4),
-    toy=dict(backbone="toy", size=64, n_pool=160, n_val=128, difficulty=0.3, image_noise=0.3, label_noise=0.3,
+    toy=dict(backbone="toy", clip="toy_shape", annotator="dense", dense_margin=0.0, size=64, n_pool=160, n_val=128, difficulty=0.3, image_noise=0.3, label_noise=0.3,
              logit_scale=30.0, tau=0.001, cam_layers=(1, 2, 3), clip_size=64, val_root=None, clip_batch=80,
              width=16, batch=16, steps=150, lr=3e-3,
              num_classes=NUM_CLASSES, data_root=None, pretrained=None, amp=False),
-    full=dict(backbone="ViT-B-16-quickgelu", size=320, clip_size=512, n_pool=1500, n_val=300, difficulty=None, image_noise=None,
+    full=dict(backbone="ViT-B-16-quickgelu", clip=None, annotator="cam", dense_margin=0.0, size=320, clip_size=512, n_pool=1500, n_val=300, difficulty=None, image_noise=None,
               label_noise=None, logit_scale=100.0, tau=0.1,
               cam_layers=tuple(range(4, 12)), clip_batch=1, width=None, batch=8, steps=1500, lr=6e-4,
               num_classes=21, data_root=None, val_root=None, pretrained="openai", amp=True),
@@ -65,9 +65,17 @@ def clean_val(cfg, seed: int | None = None) -> dict:
 # %% ../../nbs/20_weak/24_sds.ipynb #cdf98ac7
 def frozen_clip(cfg) -> tuple[nn.Module, torch.Tensor, int]:
     """The frozen CLIP of `cfg.backbone` and its text set `[K+W,E]`: the K foreground classes first, then the W
-    background words (toy: ToyWorld's 8 thing names "a {thing}." and the 4 stuff names "a picture of {stuff}.";
-    full: CLIP-ES's VOC names and 25 background words, template "a clean origami {}.")."""
+    background words. Toy, `cfg.clip="toy_shape"`: the shape-grounding `clip_shape`, each of the 8 thing classes
+    named by its shape ("a disk", ...: the words it grounds; two classes share each shape) and the 4 stuff
+    phrases "a picture of {stuff}"; `cfg.clip="toy"`: the toy CLIP with the 8 thing names "a {thing}." and
+    "a picture of {stuff}.". Full: CLIP-ES's VOC names and 25 background words, template "a clean origami {}."."""
+    if cfg.backbone == "toy" and cfg.get("clip", "toy") == "toy_shape":
+        clip, tok = toy_clip_shape()
+        return clip, torch.cat([clip_text_classifier(clip, tok, [f"a {THING_ATTRS[t][0]}" for t in THINGS], ("{}",)),
+                                clip_text_classifier(clip, tok, STUFF, ("a picture of {}",))]), len(THINGS)
     if cfg.backbone == "toy":
+        if cfg.get("clip", "toy") != "toy":
+            raise ValueError(f"toy clip must be 'toy' or 'toy_shape', got {cfg.clip!r}")
         clip, tok = toy_clip()
         return clip, torch.cat([clip_text_classifier(clip, tok, THINGS, ("a {}.",)),
                                 clip_text_classifier(clip, tok, STUFF, ("a picture of {}.",))]), len(THINGS)
@@ -136,18 +144,38 @@ def clip_annotation(out: dict, p: torch.Tensor, labels: torch.Tensor, images: to
     share = scores.amax(1) / scores.sum(1).clamp_min(1e-12)
     return torch.where(share < cfg.conf, torch.full_like(lab, 255), lab)
 
+def dense_annotation(clip, text: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, cfg) -> torch.Tensor:
+    """CLIP's own mask Ŷ `[B,H,W]` from the dense patch-text similarity (what `clip_shape` is trained for): the cosine
+    of every patch embedding with the K class texts of K(I) and the W background words, upsampled bilinearly to the
+    image; a pixel takes its most similar class of K(I) when that beats the best background word by more than
+    `cfg.dense_margin`, else background (0)."""
+    with torch.no_grad():
+        patch = F.normalize(clip_features(clip, images)["patch"], dim=1)
+        sim = torch.einsum("behw,ke->bkhw", patch, F.normalize(text, dim=-1))
+        sim = F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        K = labels.shape[1]
+        best, arg = sim[:, :K].masked_fill(~labels.bool()[:, :, None, None], float("-inf")).max(1)
+        return torch.where(best - sim[:, K:].amax(1) > cfg.dense_margin, arg + 1, 0)
+
 def clip_pass(clip, text, K: int, images: torch.Tensor, masks: torch.Tensor, cfg) -> dict:
     """The whole training-free pass over a pool: per pair the PCS scores (`d`, `H`, `H_pert`) and CLIP's mask `clip_mask`
-    (at the image size), in batches of `cfg.clip_batch`; Π is seeded by `cfg.seed`."""
+    (at the image size; `cfg.annotator`: "cam" = `clip_annotation`, "dense" = `dense_annotation`), in batches of
+    `cfg.clip_batch`; Π is seeded by `cfg.seed`."""
+    if cfg.annotator not in ("cam", "dense"):
+        raise ValueError(f"annotator must be 'cam' (CLIP-ES Grad-CAM) or 'dense' (patch-text similarity), got {cfg.annotator!r}")
     g = torch.Generator().manual_seed(cfg.seed)
     parts = []
     for k in range(0, len(images), cfg.clip_batch):
         img, y = images[k:k + cfg.clip_batch], fg_mask(masks[k:k + cfg.clip_batch], cfg)
         labels = class_labels(y, K)
-        with torch.enable_grad():                          # Grad-CAM needs the last block's gradient
-            out = clip_vit_forward(clip, img)
-            pcs = pcs_score(clip, text, img, labels, cfg, g, out=out)
-            y_hat = clip_annotation(out, pcs["p"], labels, img, cfg)
+        if cfg.annotator == "dense":
+            pcs = pcs_score(clip, text, img, labels, cfg, g)
+            y_hat = dense_annotation(clip, text, labels, img, cfg)
+        else:
+            with torch.enable_grad():                      # Grad-CAM needs the last block's gradient
+                out = clip_vit_forward(clip, img)
+                pcs = pcs_score(clip, text, img, labels, cfg, g, out=out)
+                y_hat = clip_annotation(out, pcs["p"], labels, img, cfg)
         parts.append(dict(d=pcs["d"], H=pcs["H"], H_pert=pcs["H_pert"], clip_mask=y_hat.to(torch.uint8)))
     return {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
 
@@ -155,7 +183,7 @@ def cached_clip_pass(pool: dict, cfg) -> dict:
     "`clip_pass` of the pool through the course's feature cache (keyed by the CLIP's weights, the pool and the options)."
     clip, text, K = frozen_clip(cfg)
     key = (clip, text, pool["image"], pool["mask"], cfg.perturb, cfg.grid, cfg.seed, cfg.logit_scale, cfg.box_thresh,
-           cfg.conf, tuple(cfg.cam_layers), cfg.clip_batch)
+           cfg.conf, tuple(cfg.cam_layers), cfg.clip_batch, cfg.annotator, cfg.dense_margin)
     return feature_cache("sds-clip-pass", lambda: clip_pass(clip, text, K, pool["image"], pool["mask"], cfg), key=key,
                          device="cpu")
 
