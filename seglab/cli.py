@@ -23,9 +23,9 @@ from .config import PROFILES, atomic_path, banner, cache_root, get_profile, over
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_KEYS', 'TOUR_COLUMNS', 'TOUR_SEED_COLUMNS', 'Chapter', 'UsageError', 'user_error',
-           'one_line', 'get_chapter', 'format_table', 'course_table', 'checkpoint_path', 'run_chapter', 'tour',
-           'seed_stats', 'summarize', 'mean_spread', 'seeds_table', 'jsonable', 'machine', 'tour_report', 'write_json',
-           'main']
+           'one_line', 'get_chapter', 'format_table', 'course_table', 'checkpoint_path', 'reset_peak_memory',
+           'peak_memory', 'run_chapter', 'tour', 'seed_stats', 'summarize', 'mean_spread', 'seeds_table', 'jsonable',
+           'machine', 'tour_report', 'write_json', 'main']
 
 # %% ../nbs/00_foundations/07_cli.ipynb #8f925e14
 @dataclass(frozen=True)
@@ -125,11 +125,38 @@ def checkpoint_path(slug: str, profile: str) -> Path:
     "Where `seglab train <slug>` keeps its run's checkpoint: `<SEGLAB_CACHE>/runs/<slug>-<profile>.pt`."
     return cache_root() / "runs" / f"{slug}-{profile}.pt"
 
+def reset_peak_memory() -> None:
+    "Restart the peak-memory counters `peak_memory` reads (Linux: the process's VmHWM; CUDA: torch's peak)."
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.reset_peak_memory_stats()
+
+def peak_memory() -> dict:
+    """Peak memory since `reset_peak_memory`: `peak_rss_mb` (the process's VmHWM; where it cannot be reset, the peak of
+    the whole process) and, on a GPU, `peak_gpu_mb` (torch's allocated peak)."""
+    out = {}
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        try:
+            import resource
+            out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        except ImportError:
+            pass
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        out["peak_gpu_mb"] = round(sys.modules["torch"].cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
 def run_chapter(slug: str, profile: str | None = None, resume: bool | None = None, seed: int | None = None) -> dict:
     """Train and evaluate one chapter in `profile` through its module's `tour`; returns its result row. With
     `resume=None` the run keeps no checkpoint (the tour); with False it checkpoints to `checkpoint_path` after deleting
     a stale one; with True it continues from that checkpoint (where the chapter's `tour` takes `ckpt=`). With `seed`
-    the chapter's configs are picked with that seed (`seglab.config.overrides`); the row then carries `seed`."""
+    the chapter's configs are picked with that seed (`seglab.config.overrides`); the row then carries `seed`. The row
+    also carries the run's peak memory (`peak_memory`)."""
     ch, profile = get_chapter(slug), get_profile(profile)
     if ch.status != "ready":
         raise UsageError(f"chapter {slug!r} is planned but not written yet (no {ch.module_name}.tour); "
@@ -147,6 +174,7 @@ def run_chapter(slug: str, profile: str | None = None, resume: bool | None = Non
         elif resume:
             raise UsageError(f"chapter {slug!r} cannot resume: {ch.module_name}.tour takes no ckpt= parameter. "
                              f"Fix: run `seglab train {slug}` without --resume.")
+    reset_peak_memory()
     t0 = time.time()
     if seed is None:
         result = chapter_tour(profile=profile, **kwargs)
@@ -160,7 +188,7 @@ def run_chapter(slug: str, profile: str | None = None, resume: bool | None = Non
     if missing:
         raise TypeError(f"{ch.module_name}.tour must return {', '.join(TOUR_KEYS)} (baseline_name: the strongest simple "
                         f"baseline, baseline: its value on the same metric); missing {sorted(missing)}")
-    row = {"chapter": slug, "task": ch.task, **result, "seconds": round(time.time() - t0, 1)}  # the CLI's timing wins
+    row = {"chapter": slug, "task": ch.task, **result, "seconds": round(time.time() - t0, 1), **peak_memory()}  # the CLI's timing wins
     return row if seed is None else {**row, "seed": seed}
 
 def tour(profile: str | None = None, only: list[str] | None = None, run=run_chapter,
@@ -281,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run each chapter once per seed and print mean ± spread (e.g. --seeds 0 1 2)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the table, the runs and the machine as JSON")
+    t.add_argument("--record", nargs="?", const="", default=None, metavar="DIR",
+                   help="add each run to its chapter's recorded-runs file (seglab/recorded/<chapter>.json, or DIR)")
     r = sub.add_parser("train", help="train and evaluate one chapter")
     r.add_argument("chapter")
     r.add_argument("--profile", choices=PROFILES, default=None)
@@ -341,6 +371,11 @@ def _main(argv: list[str]) -> int:
               f"{machine(args.profile)['loadavg_1_5_15']} on {before['cores']} cores")
         if args.json:
             print(f"wrote {write_json(tour_report(rows, get_profile(args.profile), args.seeds, wall, before), args.json)}")
+        if args.record is not None:
+            from seglab.records import record_tour
+            paths = record_tour(jsonable(rows), machine(args.profile), root=args.record or None,
+                                methods={c.slug: c.method for c in CHAPTERS})
+            print(f"recorded {len(paths)} chapter(s): {', '.join(p.name for p in paths)}")
         return 0 if ok else 1
     elif args.cmd == "train":
         get_chapter(args.chapter)

@@ -171,7 +171,9 @@ def test_tour_seeds_and_json_with_a_fake_chapter(monkeypatch, tmp_path, capsys):
         return dict(metric="mIoU", value=0.5 + 0.1 * cfg.seed, chance=float("nan"), baseline_name="probe", baseline=0.25)
     fake_chapter(monkeypatch, "_fake32", tour_fn)
     out = tmp_path / "site" / "tour.json"
-    assert cli.main(["tour", "--profile", "toy", "--only", "_fake32", "--seeds", "0", "1", "2", "--json", str(out)]) == 0
+    rec = tmp_path / "recorded"
+    assert cli.main(["tour", "--profile", "toy", "--only", "_fake32", "--seeds", "0", "1", "2", "--json", str(out),
+                     "--record", str(rec)]) == 0
     assert seen == [0, 1, 2]
     text = capsys.readouterr().out
     row = next(l for l in text.splitlines() if l.startswith("_fake32"))
@@ -183,6 +185,10 @@ def test_tour_seeds_and_json_with_a_fake_chapter(monkeypatch, tmp_path, capsys):
     assert ch["value"]["values"] == [0.5, 0.6, 0.7] and ch["chance"]["values"] == [None] * 3 and ch["chance"]["n"] == 0
     assert [r["seed"] for r in doc["runs"]] == [0, 1, 2] and doc["machine"]["cores"] >= 1
     assert "loadavg_1_5_15" in doc["machine_before"] and doc["wall_s"] >= 0
+    from seglab.records import load_records     # --record: one validated row per seed in the chapter's file
+    rows = load_records("_fake32", rec)["rows"]
+    assert [(r["seed"], r["value"], r["profile"]) for r in rows] == [(0, 0.5, "toy"), (1, 0.6, "toy"), (2, 0.7, "toy")]
+    assert all(r["commit"] and r["wall_s"] >= 0 and r["peak_mem_mb"] > 0 and "chance" not in r for r in rows)
 
 
 def test_tour_seeds_catch_a_chapter_that_ignores_the_seed(monkeypatch, capsys):
