@@ -373,7 +373,7 @@ def _main(argv: list[str]) -> int:
             print(f"wrote {write_json(tour_report(rows, get_profile(args.profile), args.seeds, wall, before), args.json)}")
         if args.record is not None:
             from seglab.records import record_tour
-            paths = record_tour(jsonable(rows), machine(args.profile), root=args.record or None,
+            paths = record_tour(jsonable(rows), dict(machine(args.profile), git=before["git"]), root=args.record or None,
                                 methods={c.slug: c.method for c in CHAPTERS})
             print(f"recorded {len(paths)} chapter(s): {', '.join(p.name for p in paths)}")
         return 0 if ok else 1
