@@ -37,7 +37,7 @@ setuptools.setup(
     ] + [f"Programming Language :: Python :: {v}" for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=["seglab", "seglab.*"]),
     include_package_data=True,
-    package_data={"seglab": ["assets/*"]},
+    package_data={"seglab": ["assets/*", "recorded/*.json", "recorded/tours/*.json"]},
     python_requires=">=" + min_python,
     install_requires=requirements,
     extras_require={"dev": dev_requirements, "efficientnet": cfg.get("efficientnet_requirements", "").split()},

@@ -9,6 +9,9 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import json
+import math
+import os
 import sys
 import time
 import traceback
@@ -16,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import seglab
-from .config import PROFILES, banner, cache_root, get_profile
+from .config import PROFILES, atomic_path, banner, cache_root, get_profile, overrides, run_stamp
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_KEYS', 'TOUR_COLUMNS', 'Chapter', 'UsageError', 'user_error', 'one_line',
-           'get_chapter', 'format_table', 'course_table', 'checkpoint_path', 'run_chapter', 'tour', 'main']
+__all__ = ['CHAPTERS', 'USER_ERRORS', 'TOUR_KEYS', 'TOUR_COLUMNS', 'TOUR_SEED_COLUMNS', 'Chapter', 'UsageError', 'user_error',
+           'one_line', 'get_chapter', 'format_table', 'course_table', 'checkpoint_path', 'reset_peak_memory',
+           'peak_memory', 'run_chapter', 'tour', 'seed_stats', 'summarize', 'mean_spread', 'seeds_table', 'jsonable',
+           'machine', 'tour_report', 'write_json', 'main']
 
 # %% ../nbs/00_foundations/07_cli.ipynb #8f925e14
 @dataclass(frozen=True)
@@ -120,10 +125,38 @@ def checkpoint_path(slug: str, profile: str) -> Path:
     "Where `seglab train <slug>` keeps its run's checkpoint: `<SEGLAB_CACHE>/runs/<slug>-<profile>.pt`."
     return cache_root() / "runs" / f"{slug}-{profile}.pt"
 
-def run_chapter(slug: str, profile: str | None = None, resume: bool | None = None) -> dict:
+def reset_peak_memory() -> None:
+    "Restart the peak-memory counters `peak_memory` reads (Linux: the process's VmHWM; CUDA: torch's peak)."
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.reset_peak_memory_stats()
+
+def peak_memory() -> dict:
+    """Peak memory since `reset_peak_memory`: `peak_rss_mb` (the process's VmHWM; where it cannot be reset, the peak of
+    the whole process) and, on a GPU, `peak_gpu_mb` (torch's allocated peak)."""
+    out = {}
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        try:
+            import resource
+            out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        except ImportError:
+            pass
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        out["peak_gpu_mb"] = round(sys.modules["torch"].cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+def run_chapter(slug: str, profile: str | None = None, resume: bool | None = None, seed: int | None = None) -> dict:
     """Train and evaluate one chapter in `profile` through its module's `tour`; returns its result row. With
     `resume=None` the run keeps no checkpoint (the tour); with False it checkpoints to `checkpoint_path` after deleting
-    a stale one; with True it continues from that checkpoint (where the chapter's `tour` takes `ckpt=`)."""
+    a stale one; with True it continues from that checkpoint (where the chapter's `tour` takes `ckpt=`). With `seed`
+    the chapter's configs are picked with that seed (`seglab.config.overrides`); the row then carries `seed`. The row
+    also carries the run's peak memory (`peak_memory`)."""
     ch, profile = get_chapter(slug), get_profile(profile)
     if ch.status != "ready":
         raise UsageError(f"chapter {slug!r} is planned but not written yet (no {ch.module_name}.tour); "
@@ -141,32 +174,128 @@ def run_chapter(slug: str, profile: str | None = None, resume: bool | None = Non
         elif resume:
             raise UsageError(f"chapter {slug!r} cannot resume: {ch.module_name}.tour takes no ckpt= parameter. "
                              f"Fix: run `seglab train {slug}` without --resume.")
+    reset_peak_memory()
     t0 = time.time()
-    result = chapter_tour(profile=profile, **kwargs)
+    if seed is None:
+        result = chapter_tour(profile=profile, **kwargs)
+    else:
+        with overrides(seed=seed) as used:
+            result = chapter_tour(profile=profile, **kwargs)
+        if "seed" not in used:
+            raise TypeError(f"{ch.module_name}.tour ignores the seed: no config it picks has a `seed` key. Fix: add "
+                            f"`seed=0` to its CONFIG's common entry and build its data and model from `cfg.seed`.")
     missing = set(TOUR_KEYS) - set(result)
     if missing:
         raise TypeError(f"{ch.module_name}.tour must return {', '.join(TOUR_KEYS)} (baseline_name: the strongest simple "
                         f"baseline, baseline: its value on the same metric); missing {sorted(missing)}")
-    return {"chapter": slug, "task": ch.task, **result, "seconds": round(time.time() - t0, 1)}  # the CLI's timing wins
+    row = {"chapter": slug, "task": ch.task, **result, "seconds": round(time.time() - t0, 1), **peak_memory()}  # the CLI's timing wins
+    return row if seed is None else {**row, "seed": seed}
 
-def tour(profile: str | None = None, only: list[str] | None = None, run=run_chapter) -> tuple[list[dict], bool]:
-    "Run every ready chapter (or `only` these); returns the result rows and whether all succeeded."
+def tour(profile: str | None = None, only: list[str] | None = None, run=run_chapter,
+         seeds: list[int] | None = None) -> tuple[list[dict], bool]:
+    """Run every ready chapter (or `only` these), once (the configs' own seed) or once per seed of `seeds`
+    (`run(slug, profile, seed=s)`); returns the result rows, one per chapter and seed, and whether all succeeded."""
     chapters = [get_chapter(s) for s in only] if only else [c for c in CHAPTERS if c.status == "ready"]
     rows, ok = [], True
     for ch in chapters:
-        try:
-            rows.append(run(ch.slug, profile))
-        except Exception as e:  # report and go on: one broken chapter must not hide the others
-            if user_error(e):
-                print(f"seglab: {ch.slug}: {one_line(e)}", file=sys.stderr)
-            else:
-                traceback.print_exc()
-            rows.append(dict(chapter=ch.slug, task=ch.task, metric="ERROR", value=f"{type(e).__name__}: {e}"[:60]))
-            ok = False
+        for seed in seeds or [None]:
+            t0, tag = time.time(), ch.slug if seed is None else f"{ch.slug} seed {seed}"
+            try:
+                rows.append(run(ch.slug, profile) if seed is None else run(ch.slug, profile, seed=seed))
+            except Exception as e:  # report and go on: one broken chapter must not hide the others
+                if user_error(e):
+                    print(f"seglab: {ch.slug}: {one_line(e)}", file=sys.stderr)
+                else:
+                    traceback.print_exc()
+                rows.append(dict(chapter=ch.slug, task=ch.task, metric="ERROR", value=f"{type(e).__name__}: {e}"[:60],
+                                 **({} if seed is None else {"seed": seed})))
+                ok = False
+            print(f"seglab tour: {tag} done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     return rows, ok
 
 TOUR_KEYS = ("metric", "value", "chance", "baseline_name", "baseline")  # what every chapter's `tour` returns
 TOUR_COLUMNS = ["chapter", "task", "metric", "value", "baseline", "baseline_name", "chance", "seconds"]
+
+# %% ../nbs/00_foundations/07_cli.ipynb #6e5235b6
+def seed_stats(values: list) -> dict:
+    "`mean`, `spread` (sample standard deviation; 0 for one value), `min`, `max`, `n` and the `values`, over the finite ones."
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    n = len(vals)
+    mean = sum(vals) / n if n else float("nan")
+    spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else (0.0 if n else float("nan"))
+    return dict(mean=mean, spread=spread, min=min(vals, default=float("nan")), max=max(vals, default=float("nan")),
+                n=n, values=list(values))
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per chapter (in run order) from the per-seed rows of `tour`: `value`, `baseline`, `chance` and `seconds`
+    as `seed_stats`, the seeds that ran, and `errors` (one line per failed seed)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["chapter"], []).append(r)
+    summary = []
+    for chapter, rs in out.items():
+        good = [r for r in rs if r.get("metric") != "ERROR"]
+        names = list(dict.fromkeys(r.get("baseline_name", "") for r in good))
+        row = dict(chapter=chapter, task=rs[0].get("task", ""), metric=good[0]["metric"] if good else "ERROR",
+                   baseline_name=" / ".join(names), seeds=[r.get("seed") for r in good])
+        row.update({k: seed_stats([r.get(k) for r in good]) for k in ("value", "baseline", "chance", "seconds")})
+        if len(good) < len(rs):
+            row["errors"] = [f"seed {r.get('seed')}: {r['value']}" for r in rs if r.get("metric") == "ERROR"]
+        summary.append(row)
+    return summary
+
+def mean_spread(s: dict, digits: int = 3) -> str:
+    "`seed_stats` as text: `0.512 ± 0.031` (`n/a` when no seed gave a number)."
+    return "n/a" if not s["n"] else f"{s['mean']:.{digits}f} ± {s['spread']:.{digits}f}"
+
+TOUR_SEED_COLUMNS = ["chapter", "task", "metric", "value", "baseline", "baseline_name", "chance", "seconds", "seeds"]
+
+def seeds_table(summary: list[dict]) -> list[dict]:
+    "The summary rows as printable rows (mean ± spread; ERROR and its first error when no seed ran)."
+    rows = []
+    for s in summary:
+        row = dict(s, seeds=" ".join(map(str, s["seeds"])) or "-")
+        row.update({k: mean_spread(s[k]) for k in ("value", "baseline", "chance")}, seconds=mean_spread(s["seconds"], 1))
+        if not s["seeds"]:
+            row["value"] = s["errors"][0][:60]
+        elif s.get("errors"):
+            row["seeds"] += f" ({len(s['errors'])} failed)"
+        rows.append(row)
+    return rows
+
+def jsonable(x):
+    "`x` with only JSON values: NaN/inf -> None, tensors and arrays -> lists, anything else unknown -> its str."
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist"):   # torch tensors, NumPy arrays and scalars
+        return jsonable(x.tolist())
+    return str(x)
+
+def machine(profile: str | None = None) -> dict:
+    "Where a run ran: `seglab.config.run_stamp` (device, versions, commit, wall time, peak memory), cores, load average."
+    stamp = run_stamp(profile, show=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return dict(stamp, cores=cores, loadavg_1_5_15=load, host_cpus=os.cpu_count())
+
+def tour_report(rows: list[dict], profile: str, seeds: list[int] | None, wall_s: float, before: dict | None = None) -> dict:
+    "The JSON document of a tour: summary `chapters`, raw `runs`, the `machine` (and its state `before` the tour)."
+    return jsonable(dict(schema="seglab-tour/1", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         profile=profile, seeds=seeds, wall_s=round(wall_s, 1), machine=machine(profile),
+                         machine_before=before, chapters=summarize(rows), runs=rows))
+
+def write_json(doc: dict, path: str | Path) -> Path:
+    "Write `doc` as JSON (strict: no NaN) to `path` atomically (`seglab.config.atomic_path`)."
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
 
 # %% ../nbs/00_foundations/07_cli.ipynb #5c23bcc8
 def _parser() -> argparse.ArgumentParser:
@@ -177,6 +306,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tour", help="train and evaluate every ready chapter, one table")
     t.add_argument("--profile", choices=PROFILES, default=None)
     t.add_argument("--only", default="", help="comma-separated chapter slugs")
+    t.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run each chapter once per seed and print mean ± spread (e.g. --seeds 0 1 2)")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write the table, the runs and the machine as JSON")
+    t.add_argument("--record", nargs="?", const="", default=None, metavar="DIR",
+                   help="add each run to its chapter's recorded-runs file (seglab/recorded/<chapter>.json, or DIR)")
     r = sub.add_parser("train", help="train and evaluate one chapter")
     r.add_argument("chapter")
     r.add_argument("--profile", choices=PROFILES, default=None)
@@ -224,8 +358,24 @@ def _main(argv: list[str]) -> int:
         print(format_table(course_table(), ["part", "chapter", "method", "task", "status", "notebook"]))
     elif args.cmd == "tour":
         banner(args.profile)
-        rows, ok = tour(args.profile, [s for s in args.only.split(",") if s] or None)
-        print(format_table(rows, TOUR_COLUMNS))
+        if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+            raise UsageError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed. Fix: --seeds 0 1 2")
+        before, t0 = machine(args.profile), time.time()
+        rows, ok = tour(args.profile, [s for s in args.only.split(",") if s] or None, seeds=args.seeds)
+        if args.seeds is None:
+            print(format_table(rows, TOUR_COLUMNS))
+        else:
+            print(format_table(seeds_table(summarize(rows)), TOUR_SEED_COLUMNS))
+        wall = time.time() - t0
+        print(f"tour wall time: {wall:.1f} s; load average before / after: {before['loadavg_1_5_15']} / "
+              f"{machine(args.profile)['loadavg_1_5_15']} on {before['cores']} cores")
+        if args.json:
+            print(f"wrote {write_json(tour_report(rows, get_profile(args.profile), args.seeds, wall, before), args.json)}")
+        if args.record is not None:
+            from seglab.records import record_tour
+            paths = record_tour(jsonable(rows), dict(machine(args.profile), git=before["git"]), root=args.record or None,
+                                methods={c.slug: c.method for c in CHAPTERS})
+            print(f"recorded {len(paths)} chapter(s): {', '.join(p.name for p in paths)}")
         return 0 if ok else 1
     elif args.cmd == "train":
         get_chapter(args.chapter)

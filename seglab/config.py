@@ -21,8 +21,8 @@ import torch
 
 # %% auto #0
 __all__ = ['PROFILES', 'profile_reason', 'get_profile', 'DeviceError', 'get_device', 'device_name', 'banner', 'thread_count',
-           'set_threads', 'Cfg', 'pick', 'seed_everything', 'in_colab', 'cache_root', 'data_root', 'sha256sum',
-           'atomic_path', 'remove_orphan', 'reset_clock', 'run_stamp']
+           'set_threads', 'Cfg', 'pick', 'overrides', 'seed_everything', 'in_colab', 'cache_root', 'data_root',
+           'sha256sum', 'atomic_path', 'remove_orphan', 'reset_clock', 'run_stamp']
 
 # %% ../nbs/00_foundations/00_config.ipynb #079418e9
 PROFILES = ("toy", "full")
@@ -142,8 +142,11 @@ class Cfg(dict):
             raise KeyError(f"unknown config keys {unknown}; valid keys are {sorted(self)}")
         return Cfg({**self, **changes})
 
+_OVERRIDES: list[tuple[dict, dict]] = []   # the active `overrides` blocks: (values, the ones a `pick` applied)
+
 def pick(config: dict, profile: str | None = None) -> Cfg:
-    "The hyperparameters of `profile` (default: the active one) from `{'toy': {...}, 'full': {...}, 'common': {...}}`."
+    """The hyperparameters of `profile` (default: the active one) from `{'toy': {...}, 'full': {...}, 'common': {...}}`;
+    inside an `overrides(...)` block, its values replace those of the keys the config has."""
     profile = get_profile(profile)
     missing = [p for p in PROFILES if p not in config]
     if missing:
@@ -152,7 +155,24 @@ def pick(config: dict, profile: str | None = None) -> Cfg:
     if toy != full:
         raise KeyError(f"the toy and full entries must have the same keys; only in toy: {sorted(toy - full)}, "
                        f"only in full: {sorted(full - toy)}")
-    return Cfg({**config.get("common", {}), **config[profile], "profile": profile})
+    cfg = Cfg({**config.get("common", {}), **config[profile], "profile": profile})
+    for changes, used in _OVERRIDES:   # outermost first, so an inner `overrides` block wins
+        hit = {k: v for k, v in changes.items() if k in cfg}
+        cfg.update(hit)
+        used.update(hit)
+    return cfg
+
+@contextlib.contextmanager
+def overrides(**values):
+    """Within the block, every `pick` returns its config with these values for the keys it has (e.g. `seed=1`): how
+    `seglab tour --seeds` runs a chapter's unchanged `tour` on another seed. Yields a dict of the values some `pick`
+    applied, so a caller can tell a config that has no such key (an override nobody honoured) from one that has."""
+    used: dict = {}
+    _OVERRIDES.append((dict(values), used))
+    try:
+        yield used
+    finally:
+        _OVERRIDES.remove(next(o for o in _OVERRIDES if o[1] is used))
 
 # %% ../nbs/00_foundations/00_config.ipynb #29f6ac2b
 def seed_everything(seed: int = 0, deterministic: bool = False) -> int:

@@ -281,7 +281,7 @@ def _badge_md(url: str, img: str) -> str:
     return f"[![Open in Colab]({img})]({url})"
 
 def index_page(root: Path, pages: set[str]) -> str:
-    "The site's home page: the chapter map by part from `seglab.cli.CHAPTERS`, and the tables of contents."
+    "The site's home page: the chapter map by part from `seglab.cli.CHAPTERS`, the comparison notebooks, and the tables of contents."
     from seglab.cli import CHAPTERS
     lines = [f"# {settings(root)['title']}: {settings(root)['description']}", "",
              "Every chapter explains a published method, implements it, trains it and tests that it learned. "
@@ -312,7 +312,14 @@ def index_page(root: Path, pages: set[str]) -> str:
               "[API](api/index.md).", ""]
     lines += [f"- [{p.split('/')[-1][:-6]}]({p})" for p in foundations]
     lines += toc("Course", ["overview.ipynb"] if "overview.ipynb" in pages else [])
-    lines += toc("Foundations", foundations) + toc("Chapters", chapters) + toc("API", ["api/index"])
+    comparisons = sorted(p for p in pages if p.startswith("90_compare/"))
+    if comparisons:
+        lines += ["", "## Comparisons", "",
+                  "One notebook per task family runs its chapters and the strongest simple baselines on the same "
+                  "ToyWorld data, budget and metric over seeds 0/1/2.", ""]
+        lines += [f"- [{p.split('/')[-1][:-6]}]({p})" for p in comparisons]
+    lines += toc("Foundations", foundations) + toc("Chapters", chapters) + toc("Comparisons", comparisons) + \
+             toc("API", ["api/index"])
     return "\n".join(lines) + "\n"
 
 def api_pages(root: Path) -> dict[str, str]:

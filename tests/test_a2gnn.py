@@ -94,6 +94,41 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
 
 
+def test_consistency_check_fires_only_when_centred():
+    """With h >= 0 (after the ReLU) cos(h_i, mu_b) >= 0, so the official check removes nothing; the centred check
+    (cos(h_i - m, mu_b - m) < 0, m the image's mean node) removes the in-box seeds less like mu_b than the average node."""
+    lab = torch.full((1, 4, 4), 2)
+    fb = a2gnn.flat_boxes([torch.tensor([[0., 0., 4., 4.]])], [torch.tensor([2])], 4, 4)
+    h = torch.zeros(1, 2, 4, 4); h[:, 0] = 1.0; h[:, 1, 1:3, :] = 1.0      # rows 1-2 have a second, off-prototype channel
+    mu = torch.tensor([[1.0, 0.0]])
+    assert a2gnn.consistency_check(lab, h, mu, fb).sum() == 0
+    rm = a2gnn.consistency_check(lab, h, mu, fb, center=True)
+    assert rm[0, 1:3].all() and rm.sum() == 8
+
+
+def test_node_features_go_through_the_feature_cache(tmp_path, monkeypatch):
+    "graph_inputs computes the frozen node features once per (backbone weights, scale, images), then reads the cache."
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    calls = []
+    real = a2gnn.node_features
+    monkeypatch.setattr(a2gnn, "node_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny(n_train=2)
+    data = a2gnn.make_data(cfg)
+    g1 = a2gnn.graph_inputs(cfg, data)
+    g2 = a2gnn.graph_inputs(cfg, data)
+    assert len(calls) == 1 and torch.equal(g1["feats"], g2["feats"])
+    assert list((tmp_path / "features").glob("a2gnn-nodes-*.pt"))
+
+
+def test_pseudo_labels_are_crf_refined():
+    "With cfg.crf the pseudo labels also come out of DenseCRF (a distribution per pixel); crf=None skips it."
+    cfg = tiny(n_train=2)
+    run = a2gnn.train(cfg)
+    out = a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg)
+    assert out["prob_crf"].shape == out["prob"].shape and torch.allclose(out["prob_crf"].sum(1), torch.ones(2, 64, 64))
+    assert "prob_crf" not in a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg, crf=None)
+
+
 def test_bad_config_names_the_fix():
     with pytest.raises(ValueError, match="use 'toy' or 'voc'"):
         a2gnn.make_data(tiny(data="coco"))
@@ -119,3 +154,4 @@ def test_full_config_one_step_on_voc_samples():
     assert run["graph"]["feats"].shape[-2:] == (40, 40) and len(run["data"]["image"]) == 3
     out = a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg)
     assert out["prob"].shape == (3, 21, 320, 320) and torch.isfinite(out["prob"]).all()
+    assert out["prob_crf"].shape == (3, 21, 320, 320) and torch.isfinite(out["prob_crf"]).all()   # window DenseCRF

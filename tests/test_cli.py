@@ -143,3 +143,68 @@ def test_train_resumes_after_kill_9_to_the_uninterrupted_weights(tmp_path):
     row = lambda out: next(l for l in out.splitlines() if l.startswith("toyworld")).split()
     assert row(r.stdout)[:-1] == row(ref.stdout)[:-1]  # the same mIoU, baseline and chance in the printed table
     print(f"killed at step {killed_at} of {steps}; resumed weights equal the uninterrupted run's")
+
+
+# --- several seeds and the JSON table (issue #32) ---
+
+def fake_chapter(monkeypatch, slug, tour_fn):
+    "Register a stand-in chapter `slug` (module seglab.methods.<slug> with `tour_fn` as its tour) for one test."
+    import importlib.machinery
+    import types
+    from seglab import cli
+    m = types.ModuleType(f"seglab.methods.{slug}")
+    m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
+    m.tour = tour_fn
+    monkeypatch.setitem(sys.modules, m.__name__, m)
+    monkeypatch.setattr(cli, "CHAPTERS", cli.CHAPTERS + [cli.Chapter(slug, "x", "x", "x", "x", "toy task", m.__name__)])
+
+
+def test_tour_seeds_and_json_with_a_fake_chapter(monkeypatch, tmp_path, capsys):
+    import json
+    from seglab import cli
+    from seglab.config import pick
+    seen = []
+
+    def tour_fn(profile):   # reads its seed from its CONFIG, as every chapter does
+        cfg = pick(dict(common=dict(seed=0), toy=dict(), full=dict()), profile)
+        seen.append(cfg.seed)
+        return dict(metric="mIoU", value=0.5 + 0.1 * cfg.seed, chance=float("nan"), baseline_name="probe", baseline=0.25)
+    fake_chapter(monkeypatch, "_fake32", tour_fn)
+    out = tmp_path / "site" / "tour.json"
+    rec = tmp_path / "recorded"
+    assert cli.main(["tour", "--profile", "toy", "--only", "_fake32", "--seeds", "0", "1", "2", "--json", str(out),
+                     "--record", str(rec)]) == 0
+    assert seen == [0, 1, 2]
+    text = capsys.readouterr().out
+    row = next(l for l in text.splitlines() if l.startswith("_fake32"))
+    assert "0.600 ± 0.100" in row and "0.250 ± 0.000" in row and "probe" in row and row.rstrip().endswith("0 1 2")
+    assert "tour wall time" in text and "load average" in text
+    doc = json.loads(out.read_text())      # strict JSON: the NaN chance is null
+    ch = doc["chapters"][0]
+    assert doc["schema"] == "seglab-tour/1" and doc["seeds"] == [0, 1, 2] and doc["profile"] == "toy"
+    assert ch["value"]["values"] == [0.5, 0.6, 0.7] and ch["chance"]["values"] == [None] * 3 and ch["chance"]["n"] == 0
+    assert [r["seed"] for r in doc["runs"]] == [0, 1, 2] and doc["machine"]["cores"] >= 1
+    assert "loadavg_1_5_15" in doc["machine_before"] and doc["wall_s"] >= 0
+    from seglab.records import load_records     # --record: one validated row per seed in the chapter's file
+    rows = load_records("_fake32", rec)["rows"]
+    assert [(r["seed"], r["value"], r["profile"]) for r in rows] == [(0, 0.5, "toy"), (1, 0.6, "toy"), (2, 0.7, "toy")]
+    assert all(r["commit"] and r["wall_s"] >= 0 and r["peak_mem_mb"] > 0 and "chance" not in r for r in rows)
+
+
+def test_tour_seeds_catch_a_chapter_that_ignores_the_seed(monkeypatch, capsys):
+    from seglab import cli
+    fake_chapter(monkeypatch, "_noseed32",
+                 lambda profile: dict(metric="m", value=1.0, chance=0.0, baseline_name="b", baseline=0.0))
+    assert cli.main(["tour", "--profile", "toy", "--only", "_noseed32", "--seeds", "0", "1"]) == 1
+    assert "ignores the seed" in capsys.readouterr().err
+    assert cli.main(["tour", "--profile", "toy", "--only", "_noseed32", "--seeds", "1", "1"]) == 2   # a repeated seed
+
+
+def test_tour_seeds_give_different_real_runs():
+    "The foundations' chapter (ToyWorld learner), shrunk through `overrides`, on two seeds: two different draws."
+    from seglab.cli import run_chapter
+    from seglab.config import overrides
+    with overrides(n_train=96, n_val=32, steps=20, batch=16):
+        rows = [run_chapter("toyworld", "toy", seed=s) for s in (0, 1)]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["value"] != rows[1]["value"] and rows[0]["baseline"] != rows[1]["baseline"]

@@ -69,6 +69,42 @@ def test_losses_are_in_range_and_scl_has_the_right_sign():
     assert dcfm.scl_loss(p, pp, pn) < dcfm.scl_loss(p, pp, p)                 # p close to p- costs more
 
 
+def test_dpg_query_and_key_get_no_gradient_only_the_residual_conv_learns():
+    torch.manual_seed(0)
+    dpg = dcfm.DPG(8).train()
+    o = dpg(torch.randn(3, 8, 4, 4))
+    (o["out"].square().sum() + o["proto"].sum()).backward()
+    assert dpg.query.weight.grad is None and dpg.key.weight.grad is None     # the seed is an argmax (official code)
+    assert dpg.conv.weight.grad.abs().sum() > 0
+
+
+def test_cosine_vote_ignores_pixel_norms_and_the_dot_vote_does_not():
+    torch.manual_seed(0)
+    x5 = torch.randn(3, 8, 4, 4)
+    scale = torch.rand(3, 1, 4, 4) * 10 + 0.1                               # a positive factor per pixel
+    for vote, same in (("cosine", True), ("dot", False)):
+        dpg = dcfm.DPG(8, vote=vote).eval()
+        for m in (dpg.conv, dpg.query, dpg.key):
+            torch.nn.init.zeros_(m.bias)                                     # linear maps: q, k scale with x5
+        a, b = dpg(x5)["votes"], dpg(x5 * scale)["votes"]
+        assert torch.allclose(a, b, atol=1e-5) == same, vote
+    with pytest.raises(ValueError, match="cosine"):
+        dcfm.DPG(8, vote="cos")
+
+
+def test_toy_loss_keeps_a_gradient_on_saturated_logits():
+    "The official IoU loss alone has (almost) no gradient once every logit is far below 0; the toy's BCE term does."
+    g = torch.zeros(2, 8, 8); g[:, 2:5, 2:5] = 1
+    logits = torch.full((2, 1, 8, 8), -60.0, requires_grad=True)
+    dcfm.scale_iou([logits] * 4, g).backward()
+    assert logits.grad.abs().max() < 1e-12
+    toy = pick(dcfm.CONFIG, "toy")
+    assert toy.w_bce > 0 and pick(dcfm.CONFIG, "full").w_bce == 0             # the full profile keeps the official loss
+    logits.grad = None
+    (dcfm.scale_iou([logits] * 4, g) + toy.w_bce * dcfm.scale_bce([logits] * 4, g)).backward()
+    assert logits.grad[0, 0, 3, 3] < -1e-3                                   # foreground logits are pushed up
+
+
 def test_cosod_meter_uses_raw_map_and_soft_gt_for_mae():
     gt = torch.zeros(4, 4); gt[:2, :2] = 0.8
     pred = torch.full((4, 4), 0.25)
@@ -159,7 +195,7 @@ def test_tour_returns_the_baseline_and_forwards_ckpt(tmp_path, monkeypatch):
     out = dcfm.tour("toy", ckpt=tmp_path / "dcfm-toy.pt")
     assert (tmp_path / "dcfm-toy.pt").is_file() and (tmp_path / "dcfm-toy-single-image.pt").is_file()
     assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(out)
-    assert isinstance(out["baseline_name"], str) and 0 <= out["baseline"] <= 1
+    assert isinstance(out["baseline_name"], str) and 0 <= out["baseline"] <= 1 and 0 <= out["single_image"] <= 1
 
 
 @pytest.mark.parametrize("cached", [True, False])

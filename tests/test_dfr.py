@@ -184,3 +184,12 @@ def test_full_config_one_step_on_voc_samples():
     assert lg.shape == (1, 21, 80, 80) and f.shape == (1, 64, 80, 80)        # losses at 1/4 resolution
     r = dfr.evaluate(run["model"], cfg, d["val"])
     assert 0 <= r["miou"] <= 1
+
+
+def test_region_vote_relabels_each_true_region_by_its_majority():
+    mask = torch.tensor([[[0, 0, 5, 5], [0, 0, 5, 5], [255, 255, 0, 0]]])   # two regions of class 0, one of 5
+    pred = torch.tensor([[[1, 1, 5, 2], [1, 3, 5, 5], [7, 7, 4, 0]]])
+    out = dfr.region_vote(pred, mask)
+    assert out.tolist() == [[[1, 1, 5, 5], [1, 1, 5, 5], [7, 7, 0, 0]]]   # a tie goes to the smaller class id; 255 kept
+    assert torch.equal(pred, torch.tensor([[[1, 1, 5, 2], [1, 3, 5, 5], [7, 7, 4, 0]]]))     # input untouched
+    assert torch.equal(dfr.region_vote(mask.clone(), mask), mask)                          # perfect stays perfect

@@ -1,11 +1,16 @@
 """Checks of the FTMU chapter module (seglab.methods.ftmu): search region, matching, the state (and the official
 state bug), A2C invariants, the episode's mechanism counts, that the chapter's mechanism checks fail under the
 likely breakages, resuming, the tour and the benchmark case."""
+import os
+import urllib.error
+
 import numpy as np
 import pytest
 import torch
 
+from seglab.backbones import WeightsUnavailableError
 from seglab.config import pick
+from seglab.data.datasets import DAVIS, sample_data_dir
 from seglab.methods import ftmu
 
 from interrupt import Stop, StopAt
@@ -176,7 +181,107 @@ def test_bench_case_runs():
     assert case["batch"] == 1
 
 
-def test_full_profile_refuses_clearly():
-    cfg = pick(ftmu.CONFIG, "full")
-    with pytest.raises(NotImplementedError, match="toy profile"):
-        ftmu.make_split(cfg, "train")
+def test_standardise_without_any_state_warns_and_keeps_identity(data):
+    cfg = tiny()
+    def strip(fr):                                                          # a frame where the detector found nothing
+        return dict(fr, **{k: fr[k][:0] for k in ("m", "area", "boxes", "scores", "source", "feats")})
+    bare = dict(train=dict(videos=data["train"]["videos"], frames=[[strip(f) for f in frs] for frs in data["train"]["frames"]]))
+    model = ftmu.build_model(cfg)
+    with pytest.warns(UserWarning, match="no states"):
+        ftmu.standardise(model, bare, cfg)
+    assert torch.equal(model.mu, torch.zeros_like(model.mu)) and torch.equal(model.sd, torch.ones_like(model.sd))
+
+
+# ---------------------------------------------------------------- the full profile: DAVIS-2017, Mask R-CNN
+
+VOS = sample_data_dir() / "vos"
+SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
+needs_vos = pytest.mark.skipif(not (VOS / "davis_interactive").is_dir(),
+                               reason=f"DAVIS samples not found at {VOS} (set SEGLAB_SHARED_DATA)")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    "No network and an empty torch hub cache: any weight download fails at once."
+    import torchvision.models._api as api
+    calls = []
+    def refuse(url, *a, **k):
+        calls.append(url)
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return calls
+
+
+def test_maskrcnn_without_weights_names_the_fix(offline, tmp_path):
+    with pytest.raises(WeightsUnavailableError) as err:
+        ftmu.maskrcnn("maskrcnn_resnet50_fpn", pretrained=True)
+    msg = str(err.value)
+    assert offline and offline[0].endswith(".pth")                       # the weights enum's URL was asked for
+    assert "weights='COCO_V1'" in msg and str(tmp_path / "hub" / "checkpoints") in msg and "pretrained=False" in msg
+
+
+def test_maskrcnn_untrained_only_when_asked(offline):
+    det = ftmu.maskrcnn("maskrcnn_resnet50_fpn_v2", pretrained=False, max_dets=7, min_size=480)
+    assert not offline                                                     # nothing downloaded, not even the backbone
+    assert det.roi_heads.detections_per_img == 7 and det.roi_heads.score_thresh == 0.0 and det.transform.min_size == (480,)
+    assert not det.training and not any(p.requires_grad for p in det.parameters())
+    with pytest.raises(ValueError, match="maskrcnn_resnet50_fpn"):
+        ftmu.maskrcnn("yolact_base", pretrained=False)
+
+
+class GTDetector(torch.nn.Module):
+    "A stand-in detector for the split test: per call, the true masks of the next frame in `queue` plus a noise box."
+    def __init__(self, queue):
+        super().__init__()
+        self.w, self.queue = torch.nn.Parameter(torch.zeros(1)), list(queue)
+    def forward(self, images):
+        gt = self.queue.pop(0)
+        ids = [k for k in gt.unique().tolist() if k not in (0, 255)]
+        noise = torch.zeros_like(gt, dtype=torch.bool)
+        noise[:40, :60] = True
+        m = torch.stack([gt == k for k in ids] + [noise]).float()[:, None]
+        return [dict(masks=m, scores=torch.linspace(0.9, 0.5, len(m)))]
+
+
+@needs_vos
+def test_davis_split_reads_the_real_format_and_tracks_true_candidates(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    root = VOS / "davis_interactive/session_test_data"
+    cfg = pick(ftmu.CONFIG, "full").replace(root=root, sequences=dict(test=("tennis",)), pretrained=False)
+    truth = DAVIS(root, split=None, sequences=["tennis"])[0]
+    cnn = ftmu.feature_cnn(cfg.features, pretrained=False)
+    split = ftmu.make_split(cfg, "test", (GTDetector(truth["masks"]), cnn))
+    v, frs = split["videos"][0], split["frames"][0]
+    assert v["object_ids"].tolist() == [1, 2] and (v["masks"] == 255).any() and "frames" not in v
+    assert len(frs) == 2 and "bits" in frs[0] and frs[0]["size"] == (480, 854) and frs[0]["feats"].shape[1] == cfg.feat_dim
+    assert frs[1]["source"].tolist() == [1, 2, 0]                           # the true objects, then the noise box
+    out = ftmu.run_video(v, frs, ftmu.fixed_policy("always"), cfg)
+    for k in (1, 2):                                                        # box -> the object's own mask
+        assert torch.equal(out["pred"][0] == k, truth["masks"][0] == k)
+    player, racket = ftmu.frame_scores(v, out["pred"], 1)
+    assert player["J"] == 1.0 and player["F"] == 1.0
+    # the thin racket moves off its own frame-0 mask (mask IoU 0 with every candidate): IoU matching takes the
+    # best-scored candidate in the region, the player, and that update is counted as a drift
+    assert racket["J"] == 0.0 and out["stats"] == dict(steps=2, updates=2, true_updates=1, drifts=1)
+
+
+@needs_vos
+@pytest.mark.skipif(not SLOW, reason="slow (Mask R-CNN v2 and ResNet-18 on 8 full-size 480p frames, about a minute on "
+                                     "one shared CPU thread): run with SEGLAB_FLAGS=slow")
+def test_full_config_one_step_on_davis_samples(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
+    cfg = pick(ftmu.CONFIG, "full").replace(root=VOS / "cutie_examples", sequences=dict(train=("bike",), test=("judo",)),
+                                            frames=4, episodes=1, pretrained=False)      # nothing else changed
+    assert cfg.detector == "maskrcnn_resnet50_fpn_v2" and cfg.det_min_size == 480 and cfg.hidden == (2048, 512)
+    torch.manual_seed(0)                                                    # the untrained detector's weights
+    data = ftmu.make_data(cfg)
+    assert not offline
+    v, frs = data["train"]["videos"][0], data["train"]["frames"][0]
+    assert ftmu.run_video(v, frs, ftmu.fixed_policy("always"), cfg)["stats"]["steps"] > 0   # the agent gets decisions
+    fr = data["train"]["frames"][0][1]
+    assert fr["size"] == (480, 854) and len(fr["scores"]) == cfg.max_dets and fr["feats"].shape == (cfg.max_dets, 512)
+    run = ftmu.train(cfg, data)
+    assert run["history"].records and np.isfinite(run["history"].last("loss"))
+    r = ftmu.evaluate(ftmu.agent_policy(run["model"]), data, cfg)
+    assert 0 <= r["JF"] <= 1

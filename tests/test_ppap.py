@@ -16,6 +16,8 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import ppap
 
+from interrupt import Stop, StopAt
+
 COCO128 = sample_data_dir() / "coco128_seg"
 
 
@@ -32,17 +34,6 @@ def synthetic_data(n_train=16, n_val=8, k=5, seed=0):
 def small_cfg(**kw):
     return pick(ppap.CONFIG, "toy").replace(**{**dict(steps=6, batch=4, split=32, feat_batch=8, n_init=2,
                                                       ckpt_every=2), **kw})
-
-
-class StopAt:
-    "A callback that interrupts the run after optimizer step `n`."
-    def __init__(self, n):
-        self.n = n
-    def update(self, step, **kw):
-        if step >= self.n:
-            raise KeyboardInterrupt
-    def close(self):
-        pass
 
 
 def test_head_starts_as_the_frozen_last_block_of_a_dino_vit():
@@ -97,7 +88,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     cfg = small_cfg()
     ref, _ = ppap.train(cfg, data, backbone=vit)
     ckpt = tmp_path / "ppap.pt"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         ppap.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt, backbone=vit)
     assert ckpt.is_file()
     res, hist = ppap.train(cfg, data, ckpt=ckpt, backbone=vit)
@@ -196,4 +187,37 @@ def test_full_config_one_step(tmp_path, request):
     model, hist = ppap.train(cfg, data, backbone=vit)
     assert int(model.steps_done) == 1 and math.isfinite(hist.last("loss"))
     r = ppap.evaluate(model, cfg, data)
-    assert 0 <= r["miou"] <= 1 and 0 <= r["linear_miou"] <= 1
+    assert 0 <= r["miou"] <= 1 and 0 <= r["linear_miou"] <= 1 and 0 <= r["crf_miou"] <= 1   # window DenseCRF at 320 px
+
+
+def test_evaluate_reports_with_and_without_crf():
+    "evaluate() gives the unsupervised mIoU without and with STEGO's DenseCRF; crf=None skips the CRF."
+    vit, data = synthetic_data()
+    g = torch.Generator().manual_seed(5)
+    data["val"]["image"] = torch.rand(len(data["val"]["x"]), 3, 32, 32, generator=g)
+    cfg = small_cfg(steps=2)
+    model, _ = ppap.train(cfg, data, backbone=vit)
+    r = ppap.evaluate(model, cfg, data)
+    assert 0 <= r["crf_miou"] <= 1 and 0 <= r["crf_acc"] <= 1
+    assert "crf_miou" not in ppap.evaluate(model, cfg.replace(crf=None), data)
+
+
+def test_matched_recall_is_the_best_fixed_recall_at_ppap_precision():
+    "The fixed threshold's recall in matched_recall equals a brute-force sweep over every threshold."
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.randint(4, (2, 6, 6), generator=g)
+    f = (centres[labels] + 0.9 * torch.randn(2, 6, 6, 16, generator=g)).permute(0, 3, 1, 2)
+    rows = ppap.matched_recall(f, labels, [0.5, 0.7], 0.1, n_anchors=30)
+    x, lab = F.normalize(f.permute(0, 2, 3, 1).reshape(-1, 16), dim=1), labels.flatten()
+    anchors = torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))[:30]
+    sim, same = x[anchors] @ x.T, lab[anchors][:, None] == lab[None]
+    own = torch.zeros_like(same); own[torch.arange(30), anchors] = True
+    s, y = sim[~own], same[~own]
+    for r in rows:
+        best = 0.0
+        for t in s.unique():
+            p = s >= t
+            if (y & p).sum() / p.sum() >= r["precision"]:
+                best = max(best, float((y & p).sum() / y.sum()))
+        assert abs(r["fixed_recall"] - best) < 1e-6 and abs(r["gain"] - (r["recall"] - r["fixed_recall"])) < 1e-9

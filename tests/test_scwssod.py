@@ -85,6 +85,17 @@ def test_network_returns_four_heads_at_input_size_and_aggm_switch():
 
 # ---------------------------------------------------------------- mechanism and breakages
 
+def test_toy_lsc_kernel_is_scaled_to_the_toy_grid():
+    # the paper's sigma_xy 6 / 11x11 window on the 1/2 grid of a 40-px scene tie ~2-4% of the object's kernel mass to
+    # the background; the toy config's kernel (full grid, sigma_xy 3, r 3) must stay inside the object
+    cfg = pick(sc.CONFIG, "toy")
+    d = sc.stack_scenes(sc.ScribbleSaliencyScenes(16, size=cfg.size, seed=7))
+    assert sc.kernel_leak(d["image"], d["mask"], cfg.lsc_scale, cfg.sigma_xy, cfg.sigma_rgb, cfg.radius) < 0.006
+    assert sc.kernel_leak(d["image"], d["mask"], 0.5, 6.0, 0.1, 5) > 0.01
+    full = pick(sc.CONFIG, "full")
+    assert (full.lsc_scale, full.sigma_xy, full.radius, full.sigma_rgb) == (0.25, 6.0, 5, 0.1)   # the paper's
+
+
 def test_propagation_check_passes_and_catches_every_breakage():
     data = sc.stack_scenes(sc.ScribbleSaliencyScenes(6, size=40, seed=3))
     report = sc.breakage_report(data, far_px=5)

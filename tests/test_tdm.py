@@ -143,3 +143,24 @@ def test_cub_sample_episodes_respect_the_class_split():
         x = test[i]
         assert set(x["class_ids"].tolist()) <= set(range(12, 20))
         assert x["query_images"].shape == (5 * 16, 3, 84, 84) and 0 <= x["query_images"].min() <= x["query_images"].max() <= 1
+
+
+def test_logit_scale_starts_at_the_official_one_unless_set():
+    cfg = pick(tdm.CONFIG, "toy")
+    assert float(tdm.build_model(cfg).scale) == 1.0                       # models/Proto.py: the scale starts at 1
+    assert float(tdm.build_model(cfg.replace(scale_init=8.0)).scale) == 8.0
+
+
+def test_mechanism_gaps_report_the_weights_level():
+    cfg = pick(tdm.CONFIG, "toy")
+    eps = [tdm.make_episodes(cfg, False, n=2)[i] for i in range(2)]
+    net = tdm.build_model(cfg)
+    for m in (net.attention.prt_self, net.attention.prt_other, net.attention.qry_self):
+        torch.nn.init.zeros_(m.linear2.weight)                            # every weight exactly 1: no gap, no saturation
+    g = tdm.mechanism_gaps(net, eps)
+    assert all(abs(g[k]) < 1e-6 for k in ("sam_signal", "sam_nuisance", "qam_nuisance", "combined"))
+    assert g["w_mean"] == pytest.approx(1.0) and g["w_qam_mean"] == pytest.approx(1.0) and g["saturated"] == 0
+    for m in (net.attention.prt_self, net.attention.prt_other, net.attention.qry_self):
+        torch.nn.init.constant_(m.linear2.weight, 50.0)                   # tanh at its ceiling: every weight ~2
+    g = tdm.mechanism_gaps(net, eps)
+    assert g["saturated"] > 0.99 and g["w_mean"] > 1.99

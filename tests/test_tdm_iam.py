@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seglab.config import pick
-from seglab.methods import tdm_iam
+from seglab.methods import tdm, tdm_iam
 
 from test_tdm import CUB, cub_layout
 
@@ -106,3 +106,13 @@ def test_full_config_one_step_on_a_cub_layout(tmp_path):
     assert all(m.mlp.linear2.weight.abs().sum() > 0 for m in model.backbone.attn.values())   # IAM took the step
     r = tdm_iam.evaluate(model, cfg, tdm_iam.make_episodes(cfg, False, n=2))
     assert r["n"] == 2 and 0 <= r["acc"] <= 1
+
+
+def test_training_runs_through_tdms_loop():
+    "TDM-IAM has no training loop of its own: its `train` is TDM's with this chapter's model and episodes."
+    cfg = small_toy(steps=2)
+    a, _ = tdm_iam.train(cfg)
+    b, _ = tdm.train(cfg, build=tdm_iam.build_model, episodes=tdm_iam.make_episodes)
+    assert type(a.backbone) is type(b.backbone) is tdm_iam.Conv4IAM
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -13,16 +13,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import cnn_features, normalize, resnet, toy_cnn
+from ..backbones import cnn_features, normalize, resnet, toy_cnn, toy_cnn_shape
+from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
+from ..crf import dense_crf
 from ..data.datasets import VOCSegmentation
 from ..engine import fit, lr_schedule
 from ..metrics import confusion_matrix, scores_from_confusion
 from ..toyworld import NUM_STUFF, SemanticScenes
 
 # %% auto #0
-__all__ = ['CONFIG', 'toy_data', 'filled_boxes', 'grabcut_seeds', 'window_mask', 'node_features', 'AffinityHead', 'offsets',
-           'neighbours', 'pair_distance', 'to_dense', 'affinity_map', 'graph_adjacency', 'graph_labels',
+__all__ = ['CONFIG', 'TOY_BACKBONES', 'toy_data', 'filled_boxes', 'grabcut_seeds', 'window_mask', 'node_features', 'AffinityHead',
+           'offsets', 'neighbours', 'pair_distance', 'to_dense', 'affinity_map', 'graph_adjacency', 'graph_labels',
            'affinity_loss', 'gaussian_kernel', 'gcrf_affinity', 'gcrf_potts', 'A2GNN', 'flat_boxes', 'mp_points',
            'sample_at', 'mp_loss', 'consistency_check', 'balanced_ce', 'fit_a2gnn', 'load_backbone', 'make_data',
            'graph_inputs', 'build_model', 'train_step', 'GraphBatches', 'train', 'build_graphs', 'pseudo_labels',
@@ -316,12 +318,19 @@ def mp_loss(up, hmap, fb, pts, B: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor, fb: dict, sign: float = 1.0) -> torch.Tensor:
+def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor, fb: dict, sign: float = 1.0,
+                      center: bool = False) -> torch.Tensor:
     """Consistency checking: seed pixels inside box b labelled with its class whose feature has cos(h_i, mu_b) < 0
     become 255 (sign=-1 flips the test: a breakage). cos < 0 iff h_i . mu_b < 0, and h_i . mu_b is linear in h, so
-    the dot product is taken on the graph and upsampled bilinearly, exactly as if h were. Returns the removed [B,H,W]."""
+    the dot product is taken on the graph and upsampled bilinearly, exactly as if h were. `center=True` (seglab's
+    departure) first subtracts the image's mean node embedding m from h and mu_b: cos(h_i - m, mu_b - m) < 0, "less
+    like the prototype than the average node". Returns the removed [B,H,W]."""
     H, W = labels.shape[-2:]
-    dot = torch.einsum("bchw,bc->bhw", hmap[fb["img"]], mu)
+    hm = hmap[fb["img"]]
+    if center:
+        m = hm.mean((2, 3))
+        hm, mu = hm - m[:, :, None, None], mu - m
+    dot = torch.einsum("bchw,bc->bhw", hm, mu)
     dot = F.interpolate(dot[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     rm = fb["inbox"] & (labels[fb["img"]] == fb["cls"][:, None, None]) & (sign * dot < 0)
     return torch.zeros(labels.shape, device=labels.device).index_add_(0, fb["img"], rm.float()) > 0
@@ -360,7 +369,7 @@ def fit_a2gnn(h0, A, win, seeds, boxes, labels, K, cfg, hw, keep=None):
             loss = loss + lmp
             if cfg.checking != "off":
                 base = seeds if cfg.checking == "fresh" else lab
-                rm = consistency_check(base, hmap.detach(), mu, fb, cfg.check_sign)
+                rm = consistency_check(base, hmap.detach(), mu, fb, cfg.check_sign, cfg.check_center == "image")
                 lab = base.masked_fill(rm, 255)
                 removed = rm if cfg.checking == "fresh" else (removed | rm)
         if t >= cfg.steps1 and cfg.w_crf > 0:
@@ -379,8 +388,9 @@ def fit_a2gnn(h0, A, win, seeds, boxes, labels, K, cfg, hw, keep=None):
 CONFIG = dict(
     common=dict(seed=0, radius=4, a_weight=10.0, layers=3, dropout=0.5, gnn_lr=0.035, gnn_wd=5e-4, w_crf=0.01,
                 crf_radius=5, sigma_xy=6.0, sigma_rgb=0.1, w_gcrf_aff=3.0, points="logit", checking="cumulative",
-                check_sign=1.0, mp=True, attention=True, grabcut_iters=5, device=None, ckpt_every=50, log_every=10),
-    toy=dict(data="toy", data_root=None, n_train=16, size=64, difficulty=0.75, classes=9, backbone="toy",
+                check_sign=1.0, check_center="image", crf="a2gnn", mp=True, attention=True, grabcut_iters=5, device=None,
+                ckpt_every=50, log_every=10),
+    toy=dict(data="toy", data_root=None, n_train=16, size=64, difficulty=0.75, classes=9, backbone="toy_cnn_shape",
              pretrained=True, feat_scale=2.0, head_dims=(8, 16, 32), aff_steps=40, aff_batch=8, aff_lr=1e-2,
              aff_optim="adam", hidden=32, steps1=50, steps2=50, gnn_batch=16),
     full=dict(data="voc", data_root=None, n_train=300, size=320, difficulty=None, classes=21, backbone="resnet50",
@@ -389,10 +399,14 @@ CONFIG = dict(
 )
 
 
+TOY_BACKBONES = {"toy": toy_cnn, "toy_cnn_shape": toy_cnn_shape}
+
+
 def load_backbone(cfg) -> nn.Module:
-    "The frozen OS-8 backbone: the toy ResNet (`backbone='toy'`) or a timm ImageNet ResNet-50 with output stride 8."
-    if cfg.backbone == "toy":
-        return toy_cnn()
+    """The frozen OS-8 backbone: a toy ResNet (`backbone='toy'`, self-supervised on ToyWorld, or 'toy_cnn_shape',
+    supervised on shared-palette image labels) or a timm ImageNet ResNet-50 with output stride 8."""
+    if cfg.backbone in TOY_BACKBONES:
+        return TOY_BACKBONES[cfg.backbone]()
     return resnet(cfg.backbone, pretrained=cfg.pretrained, output_stride=8)
 
 
@@ -435,13 +449,17 @@ def make_data(cfg) -> dict:
 
 @torch.no_grad()
 def graph_inputs(cfg, data: dict, backbone: nn.Module | None = None, batch: int = 16) -> dict:
-    """What the affinity net and the graphs need, computed once: frozen node features `feats` [N,C,h,w], seeds on the
+    """What the affinity net and the graphs need, computed once: frozen node features `feats` [N,C,h,w] (through the
+    course's feature cache, `seglab.cache.feature_cache`, keyed by the backbone's weights, the scale and the images), seeds on the
     graph `y` [N,h,w], the Gaussian kernels `K_aff` (radius r, for L_gcrf of the affinity net) and `K_crf` (radius
     `crf_radius`, for the A2GNN's Potts loss) on the normalised image."""
     backbone = backbone or load_backbone(cfg)
     dev = next(backbone.parameters()).device
-    feats = torch.cat([node_features(backbone, data["image"][i:i + batch].to(dev), scale=cfg.feat_scale).cpu()
-                       for i in range(0, len(data["image"]), batch)])
+    compute = lambda: dict(feats=torch.cat([node_features(backbone, data["image"][i:i + batch].to(dev),
+                                                          scale=cfg.feat_scale).cpu()
+                                            for i in range(0, len(data["image"]), batch)]))
+    key = ("a2gnn.node_features/1", backbone, cfg.feat_scale, ("layer2", "layer3", "layer4"), data["image"])
+    feats = feature_cache("a2gnn-nodes", compute, key=key, device="cpu")["feats"]
     hw = feats.shape[-2:]
     imgn = normalize(backbone, data["image"].to(dev)).cpu()
     return dict(feats=feats, y=graph_labels(data["seeds"], hw),
@@ -450,8 +468,8 @@ def graph_inputs(cfg, data: dict, backbone: nn.Module | None = None, batch: int 
 
 
 def build_model(cfg) -> AffinityHead:
-    "The affinity head on the backbone's three stages (toy ResNet 32/64/128 channels, ResNet-50 512/1024/2048)."
-    in_chs = (32, 64, 128) if cfg.backbone == "toy" else (512, 1024, 2048)
+    "The affinity head on the backbone's three stages (toy ResNets 32/64/128 channels, ResNet-50 512/1024/2048)."
+    in_chs = (32, 64, 128) if cfg.backbone in TOY_BACKBONES else (512, 1024, 2048)
     return AffinityHead(in_chs, cfg.head_dims)
 
 
@@ -507,7 +525,9 @@ def build_graphs(model: AffinityHead, graph: dict, cfg) -> dict:
 
 def pseudo_labels(model: AffinityHead, data: dict, graph: dict, cfg, **changes) -> dict:
     """A2GNN pseudo labels of every training image (`fit_a2gnn` on chunks of `gnn_batch` images). `changes` override
-    cfg keys (ablations: attention, mp, points, checking, check_sign, w_crf). Returns dict(prob, pred, labels, removed)."""
+    cfg keys (ablations: attention, mp, points, checking, check_sign, check_center, w_crf). Returns dict(prob, pred,
+    labels, removed); with `cfg.crf` (a `seglab.crf.CRF_PARAMS` name, A2GNN's `mytool.py:233-235` by default) also
+    `prob_crf`, `pred_crf`: the DenseCRF of the softmax on the image, as the code's output (None: no CRF)."""
     cfg = cfg.replace(**changes)
     g = build_graphs(model, graph, cfg)
     dev = g["h0"].device
@@ -518,6 +538,9 @@ def pseudo_labels(model: AffinityHead, data: dict, graph: dict, cfg, **changes) 
                               data["box_labels"][j], graph["K_crf"][j].to(dev), cfg, g["hw"]))
     out = {k: torch.cat([o[k].cpu() for o in outs]) for k in ("prob", "labels", "removed")}
     out["pred"] = out["prob"].argmax(1)
+    if cfg.crf:
+        out["prob_crf"] = dense_crf(out["prob"], data["image"], cfg.crf)
+        out["pred_crf"] = out["prob_crf"].argmax(1)
     return out
 
 # %% ../../nbs/20_weak/23_a2gnn.ipynb #dda98222
@@ -552,23 +575,28 @@ def mechanism(out: dict, data: dict) -> dict:
     """The two mechanism measures against the truth. `ignored_acc`: accuracy of the pseudo labels on the in-box pixels
     the seeds left at 255, beside `constant`, the better of the two constant guesses there (all background, or all
     the box's class). `removed_wrong`: share of the seeds removed by consistency checking whose true class is not the
-    box's, beside `seed_wrong`, that share among all in-box foreground seeds."""
+    box's, beside `seed_wrong`, that share among all in-box foreground seeds. `removed_edge` / `seed_edge`: the share
+    of those on a true boundary (another class within 2 px)."""
     seeds, truth, filled = data["seeds"], data["mask"], data["filled"]
     ign = (filled > 0) & (seeds == 255)
     acc = (out["pred"][ign] == truth[ign]).float().mean().item()
     const = max((truth[ign] == 0).float().mean().item(), (truth[ign] == filled[ign]).float().mean().item())
     rm = out["removed"]
     fg = (filled > 0) & (seeds > 0) & (seeds != 255)
-    return dict(ignored_acc=acc, constant=const, n_removed=int(rm.sum()),
-                removed_wrong=(truth[rm] != seeds[rm]).float().mean().item() if rm.any() else float("nan"),
-                seed_wrong=(truth[fg] != seeds[fg]).float().mean().item())
+    t = truth.float()[:, None]
+    edge = (F.max_pool2d(t, 5, 1, 2) != -F.max_pool2d(-t, 5, 1, 2))[:, 0]
+    share = lambda v, m: v[m].float().mean().item() if m.any() else float("nan")
+    return dict(ignored_acc=acc, constant=const, n_removed=int(rm.sum()), removed_wrong=share(truth != seeds, rm),
+                seed_wrong=share(truth != seeds, fg), removed_edge=share(edge, rm), seed_edge=share(edge, fg))
 
 
 def evaluate(model: AffinityHead, cfg, data: dict, graph: dict, out: dict | None = None) -> dict:
-    "Pseudo-label mIoU of A2GNN (plain argmax and box readout), of the seeds and of filled boxes, and the mechanism."
+    """Pseudo-label mIoU of A2GNN (plain argmax; after DenseCRF when `cfg.crf`; box readout), of the seeds and of
+    filled boxes, and the mechanism."""
     out = out if out is not None else pseudo_labels(model, data, graph, cfg)
     seeds_bg = data["seeds"].masked_fill(data["seeds"] == 255, 0)
-    return dict(a2gnn=miou(out["pred"], data["mask"], cfg.classes),
+    crf = dict(a2gnn_crf=miou(out["pred_crf"], data["mask"], cfg.classes)) if "pred_crf" in out else {}
+    return dict(a2gnn=miou(out["pred"], data["mask"], cfg.classes), **crf,
                 a2gnn_boxed=miou(box_readout(out["prob"], data["boxes"], data["box_labels"]), data["mask"], cfg.classes),
                 seeds=miou(seeds_bg, data["mask"], cfg.classes), filled=miou(data["filled"], data["mask"], cfg.classes),
                 chance=chance_miou(data, cfg.classes, cfg.seed), **mechanism(out, data))

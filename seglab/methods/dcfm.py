@@ -25,11 +25,11 @@ from ..toyworld import NUM_CLASSES, NUM_STUFF, ToyDataset, lookalikes, render_sc
 # %% auto #0
 __all__ = ['VGG_STAGES', 'CONFIG', 'BENCH_HAS_CACHE', 'DistractorGroups', 'Encoder', 'vgg16_encoder', 'toy_encoder',
            'group_votes', 'argmax_seeds', 'correlation_maps', 'DPG', 'rank_weights', 'DFE', 'Decoder', 'DCFMNet',
-           'iou_loss', 'scale_iou', 'scl_loss', 'build_model', 'dcfm_losses', 'train_step', 'cosod_mae', 'CoSODMeter',
-           'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root', 'split_groups',
-           'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features', 'consensus_map',
-           'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'mechanism', 'random_seeds',
-           'argmin_seeds', 'all_seeds', 'shuffle_groups', 'tour', 'bench_case']
+           'iou_loss', 'scale_iou', 'scale_bce', 'scl_loss', 'build_model', 'dcfm_losses', 'train_step', 'cosod_mae',
+           'CoSODMeter', 'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root',
+           'split_groups', 'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features',
+           'consensus_map', 'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'mechanism',
+           'random_seeds', 'argmin_seeds', 'all_seeds', 'shuffle_groups', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #790a2841
 def _place(rng: np.random.Generator, size: int, r1: float, r2: float, gap: float = 1.25, tries: int = 200):
@@ -169,15 +169,23 @@ def correlation_maps(xn: torch.Tensor, seeds: torch.Tensor, training: bool) -> t
 class DPG(nn.Module):
     """Democratic prototype generation (`AttLayer`, official `models/main.py:132-187`). Returns a dict with `x5`
     (after the residual 1x1 conv), `proto` [1,C,1,1], `out` = x5⊙proto + x5⊙R, `seeds` [B,1,h,w] and `R`.
-    `seed_fn(votes) -> mask` replaces the argmax seed choice (used to break the mechanism on purpose)."""
-    def __init__(self, C: int):
+    `seed_fn(votes) -> mask` replaces the argmax seed choice (used to break the mechanism on purpose).
+    `vote='dot'` is the official vote on q·k/√C; `vote='cosine'` L2-normalises q and k first (a toy option: the
+    dot product favours high-norm pixels). As in the official code the seed mask is an argmax, so **Q and K get
+    no gradient** and keep their initial weights: only the residual conv learns through the seeds and R."""
+    def __init__(self, C: int, vote: str = "dot"):
         super().__init__()
+        if vote not in ("dot", "cosine"):
+            raise ValueError(f"vote={vote!r}: use 'dot' (the official q·k vote) or 'cosine'")
         self.conv, self.query, self.key = (nn.Conv2d(C, C, 1) for _ in range(3))
-        self.scale = C ** -0.5
+        self.scale, self.vote = C ** -0.5, vote
     def forward(self, x5: torch.Tensor, seed_fn=None) -> dict:
         x5 = self.conv(x5) + x5
         B, C, h, w = x5.shape
-        votes = group_votes(self.query(x5), self.key(x5), self.scale)
+        q, k = self.query(x5), self.key(x5)
+        if self.vote == "cosine":
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        votes = group_votes(q, k, self.scale)
         mask = (seed_fn or argmax_seeds)(votes).view(B, 1, h, w)
         xn = F.normalize(x5, dim=1)
         seeds = (xn * mask).sum((2, 3))                                     # [B,C] (a sum when seeds tie)
@@ -243,11 +251,11 @@ class DCFMNet(nn.Module):
     network, the chapter's baseline. In training with `gts`, SCL's prototypes of the GT-masked foreground and
     background (the same DPG on x5⊙g and x5⊙(1-g), g = GT at x5's size) are returned too."""
     def __init__(self, encoder: Encoder, width: int = 64, dpg: bool = True, dfe: bool = True,
-                 dfe_clamp: float | None = None):
+                 dfe_clamp: float | None = None, vote: str = "dot"):
         super().__init__()
         C = encoder.channels[4]
         self.encoder, self.decoder = encoder, Decoder(encoder.channels, width)
-        self.dpg, self.dfe = (DPG(C) if dpg else None), (DFE(C, dfe_clamp) if dfe else None)
+        self.dpg, self.dfe = (DPG(C, vote) if dpg else None), (DFE(C, dfe_clamp) if dfe else None)
     def forward(self, images: torch.Tensor, gts: torch.Tensor | None = None, seed_fn=None, frozen=None) -> dict:
         "`frozen`: cached x1..x4 of `images` (see `Encoder.forward`)."
         feats = self.encoder(images, frozen)
@@ -279,6 +287,12 @@ def scale_iou(preds: list[torch.Tensor], gts: torch.Tensor) -> torch.Tensor:
         total = total + iou_loss(p, gts) + iou_loss(1 - p, 1 - gts)
     return total
 
+def scale_bce(preds: list[torch.Tensor], gts: torch.Tensor) -> torch.Tensor:
+    """Σ over the deep-supervision levels of the pixel BCE of the logits (not in the official loss; the toy adds it
+    with `w_bce`, see "One config, two profiles"): unlike the IoU loss, its gradient does not vanish on saturated
+    logits, so the all-background start can be left."""
+    return sum(F.binary_cross_entropy_with_logits(logits[:, 0].float(), gts) for logits in preds)
+
 def scl_loss(p: torch.Tensor, p_pos: torch.Tensor, p_neg: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Self-contrastive loss (`train.py:204-208`): -log((1+cos(p,p⁺))/2) - log(1 - (1+cos(p,p⁻))/2): the group
     prototype is pulled towards the GT foreground's and pushed from the background's."""
@@ -295,7 +309,7 @@ def build_model(cfg) -> DCFMNet:
     if cfg.init not in ("kaiming", "default"):
         raise ValueError(f"init={cfg.init!r}: use 'kaiming' (the official weights_init) or 'default' (PyTorch's)")
     torch.manual_seed(cfg.seed)
-    model = DCFMNet(enc(cfg.pretrained), cfg.width, cfg.dpg, cfg.dfe, cfg.dfe_clamp)
+    model = DCFMNet(enc(cfg.pretrained), cfg.width, cfg.dpg, cfg.dfe, cfg.dfe_clamp, cfg.get("vote", "dot"))
     for name, m in model.named_modules():        # the official `weights_init` (Kaiming, fan-in) on the new layers
         if cfg.init == "kaiming" and isinstance(m, nn.Conv2d) and not name.startswith("encoder."):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -303,10 +317,14 @@ def build_model(cfg) -> DCFMNet:
     return model
 
 def dcfm_losses(model: DCFMNet, images: torch.Tensor, gts: torch.Tensor, cfg, seed_fn=None, frozen=None) -> dict:
-    "L = Σ_levels [IoU(σP,G) + IoU(1-σP,1-G)] + w_scl · L_scl (`train.py:204-222`) on one group."
+    """L = Σ_levels [IoU(σP,G) + IoU(1-σP,1-G)] + w_scl · L_scl (`train.py:204-222`) on one group, plus
+    `w_bce` · Σ_levels BCE when the config sets `w_bce` > 0 (the toy's deviation; 0 = the official loss)."""
     out = model(images, gts, seed_fn, frozen)
     L = dict(iou=scale_iou(out["preds"], gts))
     total = L["iou"]
+    if cfg.get("w_bce", 0.0):
+        L["bce"] = scale_bce(out["preds"], gts)
+        total = total + cfg.w_bce * L["bce"]
     if cfg.scl and "proto_pos" in out:
         L["scl"] = scl_loss(out["proto"], out["proto_pos"], out["proto_neg"])
         total = total + cfg.w_scl * L["scl"]
@@ -606,19 +624,21 @@ CONFIG = dict(
                 init="kaiming", seed=0, device=None, ckpt_every=100),
     toy=dict(data="toy", root=None, backbone="toy_cnn", pretrained=True, cache=True, size=64, width=16, group_size=5,
              max_num=5, n_train=60, n_val=0, n_test=16, difficulty=0.3, palette="class", lookalike=0.3,
-             train_distractor=0.5, dfe_clamp=8.0, iters=300, lr=1e-4, amp=False, val_every=0, log_every=10,
+             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", iters=300, lr=1e-4, amp=False, val_every=0, log_every=10,
              train_set=None, test_sets=(), max_images=None),
     full=dict(data="cosod", root=None, backbone="vgg16", pretrained=True, cache=False, size=224, width=64,
               group_size=None, max_num=16, n_train=None, n_val=8, n_test=None, difficulty=None, palette=None,
-              lookalike=None, train_distractor=None, dfe_clamp=None, iters=8000, lr=1e-4, amp=True, val_every=500,
+              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", iters=8000, lr=1e-4, amp=True, val_every=500,
               log_every=50, train_set="coco_seg", test_sets=("coca", "cosal2015"), max_images=60),
 )
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #99a9233d
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
     """Train DCFM and the single-image network (the same FPN without DPG, DFE and SCL; same data and budget) in
-    `profile`; report DCFM's Sα on the first test set beside chance (a constant map) and the baseline. `ckpt`: DCFM's
-    checkpoint path (the baseline's is `<stem>-single-image<suffix>` beside it); existing files resume."""
+    `profile`; report DCFM's Sα on the first test set beside chance (a constant map), the strongest simple baseline
+    (the per-pixel RGB classifier of `seglab.baselines`, trained on the same training groups) and the single-image
+    network (`single_image`). `ckpt`: DCFM's checkpoint path (the single-image network's is
+    `<stem>-single-image<suffix>` beside it); existing files resume."""
     cfg = pick(CONFIG, get_profile(profile))
     data = make_data(cfg)
     name, test = next(iter(data["test"].items()))
@@ -627,7 +647,8 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     single = evaluate(train(cfg.replace(method="single-image", dpg=False, dfe=False, scl=False), data,
                             ckpt=base_ckpt)["model"], test)
     return dict(metric=f"S-measure ({name}, eval-co-sod protocol)", value=dcfm["sm"], chance=chance_scores(test)["sm"],
-                baseline_name="single-image saliency network (same FPN, no DPG/DFE/SCL)", baseline=single["sm"],
+                baseline_name="per-pixel RGB classifier", baseline=rgb_pixel_scores(data, test, seed=cfg.seed)["sm"],
+                single_image=single["sm"],
                 fm_max=dcfm["fm_max"], em_max=dcfm["em_max"], mae=dcfm["mae"], profile=cfg.profile)
 
 BENCH_HAS_CACHE = True  # frozen stages: `seglab bench dcfm` times the step with and without the cached x1..x4

@@ -6,53 +6,65 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..backbones import cnn_features, toy_cnn_shape
+from ..backbones import WeightsUnavailableError, cnn_features, load_pretrained, toy_cnn_shape
 from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
+from ..data.datasets import DAVIS
 from ..engine import fit
-from ..metrics import davis_objects, davis_summary
+from ..metrics import boundary_f, davis_objects, davis_summary, region_j
 from ..toyworld import ToyVideos, boxes_of, toy_detections
 
 # %% auto #0
-__all__ = ['UPDATE', 'KEEP', 'N_QUALITY', 'CONFIG', 'box_mask', 'mask_ious', 'box_of', 'enlarge', 'candidates_in',
-           'prepare_frames', 'region_feature', 'cosine', 'match', 'part_features', 'state', 'run_video', 'reward',
-           'ActorCritic', 'discounted_returns', 'a2c_loss', 'agent_policy', 'fixed_policy', 'evaluate', 'mean_j',
-           'tune_tau', 'chance', 'state_dim', 'make_split', 'make_data', 'build_model', 'standardise', 'train_step',
-           'train', 'tour', 'bench_case']
+__all__ = ['UPDATE', 'KEEP', 'N_QUALITY', 'CONFIG', 'DETECTORS', 'frame_hw', 'box_mask', 'mask_ious', 'box_of', 'enlarge',
+           'candidates_in', 'prepare_frames', 'cand_masks', 'region_feature', 'cosine', 'match', 'part_features',
+           'state', 'run_video', 'reward', 'ActorCritic', 'discounted_returns', 'a2c_loss', 'agent_policy',
+           'fixed_policy', 'evaluate', 'mean_j', 'tune_tau', 'chance', 'state_dim', 'make_split', 'make_data',
+           'build_model', 'standardise', 'train_step', 'train', 'maskrcnn', 'feature_cnn', 'label_sources',
+           'detect_sequence', 'davis_models', 'davis_split', 'frame_scores', 'tour', 'bench_case']
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #c68e4003
 UPDATE, KEEP = 1, 0   # the actions (the official code encodes update as 0; seglab uses 1 for readability)
 N_QUALITY = 5          # quality scalars per state part (see `part_features`)
 
-def box_mask(box, size: int) -> np.ndarray:
-    "Flat float mask [size*size] of an xyxy pixel box."
-    m = np.zeros((size, size), np.float32)
+def frame_hw(size) -> tuple[int, int]:
+    "(H, W) of a frame `size`: one int (square toy frames) or an (H, W) pair (DAVIS)."
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+def box_mask(box, size) -> np.ndarray:
+    "Flat float mask [H*W] of an xyxy pixel box (`size`: H = W, or (H, W))."
+    H, W = frame_hw(size)
+    m = np.zeros((H, W), np.float32)
     x0, y0, x1, y1 = [int(round(v)) for v in box]
     m[y0:y1, x0:x1] = 1
     return m.reshape(-1)
 
 def mask_ious(M: np.ndarray, areas: np.ndarray, m: np.ndarray, area: float) -> np.ndarray:
     "IoU of flat masks `M` [K,P] (areas [K]) with one flat mask `m` [P] (area): 0 when both are empty."
-    inter = M @ m
+    inter = M.astype(np.float32, copy=False) @ m.astype(np.float32, copy=False)
     union = areas + area - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
-def box_of(m: np.ndarray, size: int):
-    "Tight xyxy box of a flat mask (None when empty)."
-    ys, xs = np.divmod(np.flatnonzero(m), size)
+def box_of(m: np.ndarray, width: int):
+    "Tight xyxy box of a flat mask of a frame `width` pixels wide (None when empty)."
+    ys, xs = np.divmod(np.flatnonzero(m), width)
     return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(ys) else None
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #e9bed559
-def enlarge(box, rho: float, size: int, bottom_w: bool = False) -> tuple:
-    "Search region: xyxy `box` enlarged by rho·w left/right and rho·h top/bottom (`bottom_w`: the code's rho·w at the bottom)."
+def enlarge(box, rho: float, size, bottom_w: bool = False) -> tuple:
+    "Search region: xyxy `box` enlarged by rho·w left/right and rho·h top/bottom (`bottom_w`: the code's rho·w at the bottom), clipped to the frame (`size`: H = W, or (H, W))."
+    H, W = frame_hw(size)
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    return (max(x0 - rho * w, 0), max(y0 - rho * h, 0), min(x1 + rho * w, size), min(y1 + rho * (w if bottom_w else h), size))
+    return (max(x0 - rho * w, 0), max(y0 - rho * h, 0), min(x1 + rho * w, W), min(y1 + rho * (w if bottom_w else h), H))
 
 def candidates_in(frame: dict, region, top_k: int = 5) -> np.ndarray:
     "Indices of the frame's candidates whose box overlaps `region`, the `top_k` best scores first."
@@ -62,29 +74,44 @@ def candidates_in(frame: dict, region, top_k: int = 5) -> np.ndarray:
     return sel[np.argsort(-frame["scores"][sel], kind="stable")][:top_k]
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #b7e4408c
-def prepare_frames(dets: list[dict], fmap: torch.Tensor, size: int) -> list[dict]:
-    """Per frame a dict of numpy arrays: `m` [K,P] flat candidate masks, `area`, `boxes` [K,4], `scores`, `source`,
-    `feats` [K,C] (the feature map [C,h,w] masked-averaged over each candidate) and `fmap` [h*w,C]."""
+def prepare_frames(dets, fmap: torch.Tensor, size, packed: bool = False) -> list[dict]:
+    """Per frame a dict of numpy arrays: the candidate masks, `area`, `boxes` [K,4], `scores`, `source`, `feats` [K,C]
+    (the feature map [C,h,w] masked-averaged over each candidate) and `fmap` [h*w,C]. The masks are flat floats `m`
+    [K,P], or with `packed` bit-packed rows `bits` (DAVIS frames: 8× less memory); read them with `cand_masks`.
+    `dets` may be a generator (one frame's detections at a time)."""
+    H, W = frame_hw(size)
     C, h, w = fmap.shape[1:]
-    s = size // h
     out = []
     for t, d in enumerate(dets):
         K = len(d["masks"])
-        m = d["masks"].numpy().reshape(K, size * size).astype(np.float32)
-        coarse = m.reshape(K, h, s, w, s).mean((2, 4)).reshape(K, h * w)
+        m = d["masks"].numpy().reshape(K, H * W).astype(np.float32)
+        if H % h == 0 and W % w == 0 and H // h == W // w:            # exact blocks (the toy)
+            s = H // h
+            coarse = m.reshape(K, h, s, w, s).mean((2, 4)).reshape(K, h * w)
+        elif K:                                                           # e.g. 480×854 on a 15×27 grid
+            coarse = F.adaptive_avg_pool2d(torch.from_numpy(m).view(K, 1, H, W), (h, w)).reshape(K, h * w).numpy()
+        else:
+            coarse = np.zeros((0, h * w), np.float32)
         fm = fmap[t].reshape(C, h * w).T.numpy()
         feats = coarse @ fm / np.maximum(coarse.sum(1, keepdims=True), 1e-6)
-        out.append(dict(m=m, area=m.sum(1), boxes=boxes_of(d["masks"].numpy()) if K else np.zeros((0, 4), np.float32),
+        masks = dict(bits=np.packbits(m > 0, axis=1), P=H * W) if packed else dict(m=m)
+        out.append(dict(**masks, area=m.sum(1), boxes=boxes_of(d["masks"].numpy()) if K else np.zeros((0, 4), np.float32),
                         scores=d["scores"].numpy(), source=d["source"].numpy(), feats=feats.astype(np.float32), fmap=fm,
-                        grid=h, stride=s, size=size))
+                        grid=(h, w), stride=(H / h, W / w), size=(H, W)))
     return out
+
+def cand_masks(frame: dict, idx) -> np.ndarray:
+    "Flat float masks of the frame's candidates `idx` ([len(idx), P] for an index array, [P] for one int)."
+    if "m" in frame:
+        return frame["m"][idx]
+    return np.unpackbits(frame["bits"][idx], axis=-1, count=frame["P"]).astype(np.float32)
 
 def region_feature(frame: dict, region) -> np.ndarray:
     "The crop feature: the frame's feature map averaged over the cells that the region covers."
-    g, s = frame["grid"], frame["stride"]
-    x0, y0 = int(region[0] // s), int(region[1] // s)
-    x1, y1 = max(int(math.ceil(region[2] / s)), x0 + 1), max(int(math.ceil(region[3] / s)), y0 + 1)
-    cells = np.zeros((g, g), np.float32)
+    (gh, gw), (sy, sx) = frame["grid"], frame["stride"]
+    x0, y0 = int(region[0] // sx), int(region[1] // sy)
+    x1, y1 = max(int(math.ceil(region[2] / sx)), x0 + 1), max(int(math.ceil(region[3] / sy)), y0 + 1)
+    cells = np.zeros((gh, gw), np.float32)
     cells[y0:y1, x0:x1] = 1
     return cells.reshape(-1) @ frame["fmap"] / cells.sum()
 
@@ -96,7 +123,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def match(frame: dict, sel: np.ndarray, tmpl: np.ndarray, tmpl_area: float, tmpl_feat: np.ndarray,
           by: str = "iou") -> tuple[int, np.ndarray]:
     "Index (into `sel`) of the candidate matching the template, by mask IoU or by appearance; also the IoUs [len(sel)]."
-    iou = mask_ious(frame["m"][sel], frame["area"][sel], tmpl, tmpl_area)
+    iou = mask_ious(cand_masks(frame, sel), frame["area"][sel], tmpl, tmpl_area)
     if by == "appearance":
         return int(np.argmax(cosine(frame["feats"][sel], tmpl_feat))), iou
     return int(np.argmax(iou)), iou
@@ -116,7 +143,7 @@ def state(frame: dict, region, sel: np.ndarray, j: int, iou: np.ndarray, tmpl_ar
     if bug:
         return np.concatenate([crop, crop])
     c = sel[j]
-    others = mask_ious(frame["m"][sel], frame["area"][sel], frame["m"][c], frame["area"][c])
+    others = mask_ious(cand_masks(frame, sel), frame["area"][sel], cand_masks(frame, c), frame["area"][c])
     others[j] = 0
     cand = part_features(frame["feats"][c], float(iou[j]), math.log((frame["area"][c] + 1) / (tmpl_area + 1)),
                          float(frame["scores"][c]), float(others.max()), tmpl_feat)
@@ -133,11 +160,11 @@ def run_video(video: dict, frames: list[dict], decide, cfg, bug: bool = False) -
     tm, ta, tf, tsrc, upd = [], [], [], [], []
     fr0 = frames[0]
     for k, box in zip(ids, video["boxes"].tolist()):                      # box -> first template
-        bm = box_mask(box, H)
-        sel = candidates_in(fr0, enlarge(box, cfg.rho0, H), cfg.top_k)
+        bm = box_mask(box, (H, W))
+        sel = candidates_in(fr0, enlarge(box, cfg.rho0, (H, W)), cfg.top_k)
         if len(sel):
-            c = sel[int(np.argmax(mask_ious(fr0["m"][sel], fr0["area"][sel], bm, bm.sum())))]
-            tmpl, feat, src = fr0["m"][c], fr0["feats"][c], int(fr0["source"][c])
+            c = sel[int(np.argmax(mask_ious(cand_masks(fr0, sel), fr0["area"][sel], bm, bm.sum())))]
+            tmpl, feat, src = cand_masks(fr0, c), fr0["feats"][c], int(fr0["source"][c])
         else:
             tmpl, feat, src = bm, region_feature(fr0, box), k
         tm.append(tmpl); ta.append(float(tmpl.sum())); tf.append(feat); tsrc.append(src); upd.append(True)
@@ -150,18 +177,19 @@ def run_video(video: dict, frames: list[dict], decide, cfg, bug: bool = False) -
             box = box_of(tm[i], W)
             if box is None:
                 continue
-            region = enlarge(box, cfg.rho, H)
+            region = enlarge(box, cfg.rho, (H, W))
             sel = candidates_in(fr, region, cfg.top_k)
             if not len(sel):
                 continue
             by = "appearance" if cfg.matching == "history" and not upd[i] else "iou"
             j, iou = match(fr, sel, tm[i], ta[i], tf[i], by)
             c = sel[j]
-            pred[t][(fr["m"][c] > 0) & (pred[t] == 0)] = k
+            mc = cand_masks(fr, c)
+            pred[t][(mc > 0) & (pred[t] == 0)] = k
             g = (gt[t] == k).astype(np.float32)
-            true_iou = float(mask_ious(fr["m"][c:c + 1], fr["area"][c:c + 1], g, g.sum())[0])
+            true_iou = float(mask_ious(mc[None], fr["area"][c:c + 1], g, g.sum())[0])
             rows.append(state(fr, region, sel, j, iou, ta[i], tf[i], bug))
-            ctx.append(dict(i=i, k=k, c=c, iou=float(iou[j]), true_iou=true_iou, t=t))
+            ctx.append(dict(i=i, k=k, c=c, iou=float(iou[j]), true_iou=true_iou, t=t, m=mc))
         if not rows:
             continue
         states = torch.from_numpy(np.stack(rows))
@@ -173,7 +201,7 @@ def run_video(video: dict, frames: list[dict], decide, cfg, bug: bool = False) -
             if upd[i]:
                 src = int(fr["source"][c])
                 stats["updates"] += 1; stats["true_updates"] += src == k; stats["drifts"] += tsrc[i] == k and src != k
-                tm[i], ta[i], tf[i], tsrc[i] = fr["m"][c], float(fr["area"][c]), fr["feats"][c], src
+                tm[i], ta[i], tf[i], tsrc[i] = x["m"], float(fr["area"][c]), fr["feats"][c], src
     return dict(pred=torch.from_numpy(pred.reshape(T, H, W)), traj=traj, stats=stats)
 
 def reward(j: float) -> float:
@@ -278,33 +306,37 @@ def chance(data: dict, cfg, split: str = "test", seed: int = 0) -> float:
         pred = np.zeros((T, H * W), np.int64)
         for t in range(T):
             for k in v["object_ids"].tolist():
-                if len(fr[t]["m"]):
-                    c = int(rng.integers(len(fr[t]["m"])))
-                    pred[t][(fr[t]["m"][c] > 0) & (pred[t] == 0)] = k
+                if len(fr[t]["scores"]):
+                    c = int(rng.integers(len(fr[t]["scores"])))
+                    pred[t][(cand_masks(fr[t], c) > 0) & (pred[t] == 0)] = k
         rows += davis_objects(v["masks"].numpy(), pred.reshape(T, H, W))
     return davis_summary(rows)["J&F"]
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #c43b21e6
 CONFIG = dict(
-    common=dict(rho0=0.1, rho=0.4, top_k=5, gamma=0.99, matching="iou", seed=0, device=None, ckpt_every=50, log_every=10),
+    common=dict(rho0=0.1, rho=0.4, top_k=5, gamma=0.99, matching="iou", seed=0, device=None, ckpt_every=50, log_every=10,
+                root=None, sequences=None),
     toy=dict(data="toy", n_train=16, n_test=16, frames=12, size=64, difficulty=0.5, crossing=0.4, morph=0.05,
              jitter=0.15, miss=0.1, lookalike=0.1, layer="layer2", feat_dim=32, hidden=(64, 32),
-             detector="toy_detections", features="toy_cnn_shape", pretrained=True,
+             detector="toy_detections", max_dets=None, det_min_size=None, features="toy_cnn_shape", pretrained=True,
              episodes=200, lr_actor=3e-3, lr_critic=1e-3),
-    full=dict(data="davis2017", n_train=10, n_test=10, frames=None, size=480, difficulty=None, crossing=None, morph=None,
-              jitter=None, miss=None, lookalike=None, layer="global_pool", feat_dim=512, hidden=(2048, 512),
-              detector="maskrcnn_resnet50_fpn_v2", features="resnet18.tv_in1k", pretrained=True,
-              episodes=200, lr_actor=1e-6, lr_critic=5e-6),
+    full=dict(data="davis2017", n_train=10, n_test=10, frames=None, size=None, difficulty=None, crossing=None, morph=None,
+              jitter=None, miss=None, lookalike=None, layer="layer4", feat_dim=512, hidden=(2048, 512),
+              detector="maskrcnn_resnet50_fpn_v2", max_dets=20, det_min_size=480, features="resnet18.tv_in1k",
+              pretrained=True, episodes=200, lr_actor=1e-6, lr_critic=5e-6),
 )
 
 def state_dim(cfg) -> int:
     return 2 * (cfg.feat_dim + N_QUALITY)
 
-def make_split(cfg, split: str) -> dict:
-    "ToyWorld videos of `split`, their simulated detections, and the prepared frames (CNN features cached)."
+def make_split(cfg, split: str, models=None) -> dict:
+    """The videos of `split` and their prepared frames: ToyWorld videos with simulated detections and cached toy-CNN
+    features (`data='toy'`), or DAVIS-2017 with Mask R-CNN candidates (`data='davis2017'`, `davis_split`; `models`:
+    its detector and CNN, built once by `make_data`)."""
+    if cfg.data == "davis2017":
+        return davis_split(cfg, split, models)
     if cfg.data != "toy":
-        raise NotImplementedError(f"data={cfg.data!r}: the DAVIS-17 path (Mask R-CNN candidates, timm features) is not "
-                                  "implemented in this chapter yet; use the toy profile (SEGLAB_PROFILE=toy).")
+        raise ValueError(f"data={cfg.data!r} is not known; use 'toy' or 'davis2017'")
     n, off = (cfg.n_train, 0) if split == "train" else (cfg.n_test, 1)
     seed = 1000 * cfg.seed + 500 * off
     ds = ToyVideos(n, frames=cfg.frames, size=cfg.size, seed=seed, difficulty=cfg.difficulty,
@@ -319,7 +351,9 @@ def make_split(cfg, split: str) -> dict:
     return dict(videos=videos, frames=[prepare_frames(d, feats[str(i)], cfg.size) for i, d in enumerate(dets)])
 
 def make_data(cfg) -> dict:
-    return dict(train=make_split(cfg, "train"), test=make_split(cfg, "test"))
+    "`dict(train=..., test=...)` of `make_split` (the full profile builds its detector and CNN once)."
+    models = davis_models(cfg) if cfg.data == "davis2017" else None
+    return dict(train=make_split(cfg, "train", models), test=make_split(cfg, "test", models))
 
 def build_model(cfg) -> ActorCritic:
     return ActorCritic(state_dim(cfg), cfg.hidden)
@@ -328,6 +362,10 @@ def standardise(model: ActorCritic, data: dict, cfg, bug: bool = False) -> None:
     "Set the model's input mean/std from the states a random policy visits on the training videos."
     S = [s for v, fr in zip(data["train"]["videos"], data["train"]["frames"])
          for tr in run_video(v, fr, fixed_policy("random", seed=cfg.seed), cfg, bug)["traj"].values() for s in tr["states"]]
+    if not S:                  # e.g. an untrained detector whose candidates never fall in a search region
+        warnings.warn("standardise: no target had a candidate in its search region on the training videos, so there "
+                      "are no states to standardise with; the inputs stay unscaled")
+        return
     S = torch.stack(S)
     model.mu.copy_(S.mean(0)); model.sd.copy_(S.std(0) + 1e-3)
 
@@ -354,6 +392,104 @@ def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, bug: bool = Fa
                   device=get_device(cfg.device), desc="ftmu-a2c" + ("-bug" if bug else ""))
     return dict(model=model.cpu(), history=history, data=data)
 
+# %% ../../nbs/70_video/71_ftmu.ipynb #9850b8fc
+DETECTORS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+
+def maskrcnn(name: str = "maskrcnn_resnet50_fpn_v2", pretrained: bool = True, max_dets: int = 20,
+             min_size: int = 480) -> nn.Module:
+    """torchvision's Mask R-CNN `name` (one of `DETECTORS`) in eval mode with its `COCO_V1` weights from the torch hub
+    cache; `pretrained=False` builds it randomly initialised (no backbone weights either). It keeps the `max_dets`
+    best detections of any class with no score threshold (the code keeps YOLACT's top 5 at score_threshold 0) and
+    runs at the short side `min_size` (480: DAVIS's own; torchvision's COCO recipe resizes to 800)."""
+    from torchvision.models import detection
+    zoo = dict(maskrcnn_resnet50_fpn=(detection.maskrcnn_resnet50_fpn, detection.MaskRCNN_ResNet50_FPN_Weights),
+               maskrcnn_resnet50_fpn_v2=(detection.maskrcnn_resnet50_fpn_v2, detection.MaskRCNN_ResNet50_FPN_V2_Weights))
+    if name not in zoo:
+        raise ValueError(f"detector={name!r} is not known; choose one of {DETECTORS}")
+    build, enum = zoo[name]
+    kw = dict(box_score_thresh=0.0, box_detections_per_img=max_dets, min_size=min_size)
+    if not pretrained:
+        return build(weights=None, weights_backbone=None, **kw).eval().requires_grad_(False)
+    weights = enum.COCO_V1
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return build(weights=weights, **kw).eval().requires_grad_(False)
+    except (OSError, RuntimeError) as e:
+        raise WeightsUnavailableError(
+            f"could not load the COCO weights of {name} ({weights}): {type(e).__name__}: {e}\n"
+            f"Fix: on a machine with internet access run `python -c \"import torchvision; "
+            f"torchvision.models.detection.{name}(weights='COCO_V1')\"` (it fills the torch hub cache), then copy "
+            f"{file.name} to {file} on this machine (or point TORCH_HOME at a copy of that cache); or pass "
+            "pretrained=False for an untrained detector (tests only: its candidates are noise).") from e
+
+def feature_cnn(name: str = "resnet18.tv_in1k", pretrained: bool = True) -> nn.Module:
+    "The frozen timm ImageNet CNN whose last feature map gives the state features (`pretrained=False`: random init)."
+    return load_pretrained(lambda: timm.create_model(name, pretrained=pretrained), name).eval().requires_grad_(False)
+
+def label_sources(masks: torch.Tensor, gt: torch.Tensor, min_iou: float = 0.5) -> torch.Tensor:
+    """The object id [K] that each candidate mask [K,H,W] covers: the ground-truth object (id map `gt` [H,W]) with
+    IoU ≥ `min_iou`, else 0 (also on unannotated frames). Used only for the mechanism counts."""
+    ids = [k for k in gt.unique().tolist() if k not in (0, 255)]
+    src = torch.zeros(len(masks), dtype=torch.long)
+    if not ids or not len(masks):
+        return src
+    G = torch.stack([gt == k for k in ids]).flatten(1).float()
+    M = masks.flatten(1).float()
+    inter = M @ G.T
+    best, j = (inter / (M.sum(1)[:, None] + G.sum(1)[None] - inter).clamp_min(1)).max(1)
+    return torch.where(best >= min_iou, torch.tensor(ids)[j], src)
+
+@torch.no_grad()
+def detect_sequence(detector: nn.Module, cnn: nn.Module, frames: torch.Tensor, layer: str, chunk: int = 4) -> dict:
+    """Mask R-CNN candidates of every frame of one sequence (`bits{t}`: masks thresholded at 0.5, bit-packed rows;
+    `scores{t}`, best first) and the CNN feature map `fmap` [T,C,h,w] of the [0,1] frames [T,3,H,W]."""
+    dev = next(detector.parameters()).device
+    out = dict(fmap=torch.cat([cnn_features(cnn, frames[i:i + chunk].to(dev), (layer,))[layer].cpu()
+                               for i in range(0, len(frames), chunk)]))
+    for t, x in enumerate(frames):
+        r = detector([x.to(dev)])[0]
+        m = (r["masks"][:, 0] > 0.5).cpu().numpy().reshape(len(r["scores"]), -1)
+        out[f"bits{t}"], out[f"scores{t}"] = torch.from_numpy(np.packbits(m, axis=1)), r["scores"].cpu()
+    return out
+
+def davis_models(cfg) -> tuple[nn.Module, nn.Module]:
+    "The detector and the feature CNN of the full profile, on seglab's device."
+    dev = get_device(cfg.device)
+    return (maskrcnn(cfg.detector, cfg.pretrained, cfg.max_dets, cfg.det_min_size).to(dev),
+            feature_cnn(cfg.features, cfg.pretrained).to(dev))
+
+def davis_split(cfg, split: str, models=None) -> dict:
+    """DAVIS-2017 sequences of `split` ('train': ImageSets train.txt; 'test': val.txt; or `cfg.sequences[split]`),
+    the first `cfg.n_train`/`cfg.n_test`, at most `cfg.frames` frames each, with Mask R-CNN candidates and CNN
+    features (cached per sequence) prepared as in the toy (masks bit-packed). The videos keep `masks`, `boxes` (from
+    the first-frame masks), `object_ids` and `meta`, not the frames (reload them with `DAVIS` to look at them)."""
+    seqs = (cfg.sequences or {}).get(split)
+    ds = DAVIS(cfg.root, split="train" if split == "train" else "val", sequences=seqs, max_frames=cfg.frames)
+    n = len(ds) if seqs else min(len(ds), cfg.n_train if split == "train" else cfg.n_test)
+    detector, cnn = models or davis_models(cfg)
+    videos, frames = [], []
+    for i in range(n):
+        v = ds[i]
+        T, H, W = v["masks"].shape
+        c = feature_cache("ftmu-davis", lambda: detect_sequence(detector, cnn, v["frames"], cfg.layer),
+                          key=(detector, cnn, cfg.layer, cfg.max_dets, cfg.det_min_size, str(ds.root), v["meta"]["id"],
+                               tuple(v["meta"]["frames"])), device="cpu")
+        def dets():
+            for t in range(T):
+                m = torch.from_numpy(np.unpackbits(c[f"bits{t}"].numpy(), axis=1, count=H * W).reshape(-1, H, W).astype(bool))
+                yield dict(masks=m, scores=c[f"scores{t}"], source=label_sources(m, v["masks"][t]))
+        frames.append(prepare_frames(dets(), c["fmap"], (H, W), packed=True))
+        videos.append({k: v[k] for k in ("masks", "boxes", "object_ids", "meta")})
+    return dict(videos=videos, frames=frames)
+
+def frame_scores(video: dict, pred: torch.Tensor, t: int) -> list[dict]:
+    """Per object J and F at frame `t` alone (void counted as background, as in the semi-supervised protocol): for
+    sequences too short for `davis_objects`, which drops the first and last frames."""
+    gt = np.where(video["masks"][t].numpy() == 255, 0, video["masks"][t].numpy())
+    p = pred[t].numpy()
+    return [dict(object=k, J=region_j(gt == k, p == k), F=boundary_f(gt == k, p == k))
+            for k in video["object_ids"].tolist()]
+
 # %% ../../nbs/70_video/71_ftmu.ipynb #6b6f0726
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
     """Train the A2C agent in `profile` (resumable from `ckpt`) and report its J&F on the test videos beside the
@@ -364,7 +500,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     tau = tune_tau(data, cfg)
     res = evaluate(agent_policy(agent), data, cfg)
     base = evaluate(fixed_policy("tau", tau), data, cfg)
-    return dict(metric="J&F (DAVIS semi-supervised, toy videos)", value=res["JF"], chance=chance(data, cfg),
+    return dict(metric="J&F (DAVIS semi-supervised, " + ("toy videos)" if cfg.data == "toy" else "DAVIS-2017 val)"), value=res["JF"], chance=chance(data, cfg),
                 baseline_name=f"update if template IoU > τ (τ={tau:.1f} tuned on training videos)", baseline=base["JF"],
                 always_update=evaluate(fixed_policy("always"), data, cfg)["JF"],
                 never_update=evaluate(fixed_policy("never"), data, cfg)["JF"], update_precision=res["precision"],

@@ -14,29 +14,31 @@ import torch.nn.functional as F
 from ..backbones import normalize
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
+from ..crf import dense_crf
 from ..engine import fit, tensor_batches, unwrap
-from ..metrics import auroc
+from ..metrics import auroc, confusion_matrix, hungarian_scores
 from . import hp
 from .. import toyworld
 
 # %% auto #0
 __all__ = ['CONFIG', 'BENCH_HAS_CACHE', 'token_features', 'PPAP', 'frozen_backbone', 'build_model', 'calibrate', 'draw_anchors',
            'propagate', 'supcon_rows', 'ppap_loss', 'make_optimizer', 'train_step', 'load_split', 'cached_features',
-           'prepare_data', 'codes', 'fit_probe', 'evaluate', 'train', 'kmeans_baseline', 'tour', 'bench_case',
-           'mechanism']
+           'prepare_data', 'codes', 'fit_probe', 'evaluate', 'crf_scores', 'train', 'kmeans_baseline', 'tour',
+           'bench_case', 'mechanism', 'matched_recall']
 
 # %% ../../nbs/10_unsupervised/12_ppap.ipynb #a57064c9
 CONFIG = dict(
     common=dict(seed=0, dropout=0.1, base_tau=0.07, prop_iter=2, sigma_pos=3.0, sigma_amb=4.0, trainpatchsplit=4,
-                zone=True, clip_grad=10.0, lr_linear=1e-3, pretrained=True, n_init=10, ckpt_every=100),
-    toy=dict(backbone="toy_vit", dataset="toyworld", palette="shared", image_size=64, eval_size=64, difficulty=0.5,
+                zone=True, clip_grad=10.0, lr_linear=1e-3, pretrained=True, n_init=10, ckpt_every=100, crf="stego",
+                crf_alpha=2.0, crf_radius=5),
+    toy=dict(backbone="toy_vit_xi", dataset="toyworld", palette="shared", image_size=64, eval_size=64, difficulty=0.5,
              n_train=384, n_val=128, n_clusters=5, batch=16, steps=150, split=256, phi0=None, psi0=None,
              phi0_quantile=0.97, psi0_quantile=0.6, tau=0.3, lr_head=3e-3, wd_head=0.01, lr_cluster=2e-2,
-             feat_batch=128, device="cpu"),
+             feat_batch=128, device="cpu", crf_blur=2),
     full=dict(backbone="vit_small_patch16_224.dino", dataset="cocostuff27", palette="class", image_size=224,
               eval_size=320, difficulty=0.0, n_train=2000, n_val=500, n_clusters=27, batch=32, steps=1500, split=784,
               phi0=0.55, psi0=0.15, phi0_quantile=None, psi0_quantile=None, tau=0.8, lr_head=1e-3, wd_head=0.01,
-              lr_cluster=1e-3, feat_batch=64, device=None),
+              lr_cluster=1e-3, feat_batch=64, device=None, crf_blur=4),
 )
 
 @torch.no_grad()
@@ -251,14 +253,37 @@ def fit_probe(model: PPAP, data: dict, cfg) -> None:
 
 @torch.no_grad()
 def evaluate(model: PPAP, cfg, data: dict) -> dict:
-    "Unsupervised (cluster probe, Hungarian) and linear-probe accuracy and mIoU on the validation split."
+    """Unsupervised (cluster probe, Hungarian) and linear-probe accuracy and mIoU on the validation split; with
+    `cfg.crf` (and val images) also `crf_miou`, `crf_acc` after DenseCRF (`crf_scores`)."""
     va = data["val"]
     model.eval()
     dev, hw = next(model.parameters()).device, va["f"].shape[-2:]
     code_ = lambda x: model.code(x.to(dev), hw)
     cl = hp._scores(lambda x: model.cluster_probe(code_(x)), va["x"], va["mask"], cfg.n_clusters, True)
     li = hp._scores(lambda x: model.linear_probe(code_(x)), va["x"], va["mask"], cfg.n_clusters, False)
-    return dict(miou=cl["miou"], acc=cl["acc"], iou=cl["iou"], linear_miou=li["miou"], linear_acc=li["acc"])
+    out = dict(miou=cl["miou"], acc=cl["acc"], iou=cl["iou"], linear_miou=li["miou"], linear_acc=li["acc"])
+    if cfg.get("crf") and "image" in va:                      # DenseCRF needs the images, not only their tokens
+        out.update({f"crf_{k}": v for k, v in crf_scores(model, cfg, data).items()})
+    return out
+
+@torch.no_grad()
+def crf_scores(model: PPAP, cfg, data: dict, method: str = "window", batch: int = 32) -> dict:
+    """The evaluation "with CRF" (STEGO's, kept by HP and PPAP): the cluster probe's cosines times `cfg.crf_alpha` (2,
+    STEGO's `cluster_probe(code, 2, log_probs=True)`), upsampled bilinearly to the image, softmax, `seglab.crf.dense_crf`
+    with `cfg.crf` ('stego': 10 iterations, sxy 1 / compat 3, sxy 67 / srgb 3 / compat 4) on the image, argmax; one
+    confusion matrix over val, Hungarian. `method='window'` (ConvCRF truncation, `cfg.crf_radius`, `cfg.crf_blur`) or
+    'exact'. Returns dict(miou, acc)."""
+    va = data["val"]
+    model.eval()
+    dev, hw, cm = next(model.parameters()).device, va["f"].shape[-2:], 0
+    for i in range(0, len(va["x"]), batch):
+        j = slice(i, i + batch)
+        logits = cfg.crf_alpha * model.cluster_probe(model.code(va["x"][j].to(dev), hw)).float().cpu()
+        p = F.interpolate(logits, size=va["mask"].shape[-2:], mode="bilinear", align_corners=False).softmax(1)
+        q = dense_crf(p, va["image"][j], cfg.crf, method=method, radius=cfg.crf_radius, blur=cfg.crf_blur)
+        cm = cm + confusion_matrix(q.argmax(1), va["mask"][j], cfg.n_clusters)
+    r = hungarian_scores(cm)
+    return dict(miou=r["miou"], acc=r["acc"])
 
 # %% ../../nbs/10_unsupervised/12_ppap.ipynb #366a77db
 def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, backbone: nn.Module | None = None) -> tuple[PPAP, object]:
@@ -363,3 +388,17 @@ def mechanism(f: torch.Tensor, labels: torch.Tensor, phi0: float, psi0: float, T
     best = float(tp[hit].max() / tp[-1]) if hit.any() else 0.0
     out["fixed_recall_at_precision"] = best
     return out
+
+def matched_recall(f: torch.Tensor, labels: torch.Tensor, phi0s, psi0: float, T: int = 2, sigma_pos: float = 3.0,
+                   sigma_amb: float = 4.0, n_anchors: int = 400, seed: int = 0) -> list[dict]:
+    """PPAP against the fixed threshold at matched precision, along the precision-recall curve: for each Φ0 in
+    `phi0s`, PPAP's pooled precision and recall (`mechanism`) and the fixed threshold's recall at that precision (the
+    threshold swept over every cut of the anchors' ranked similarities; the best recall whose precision is at least
+    PPAP's). Same anchors and pairs for both. Rows: phi0, precision, recall, fixed_recall, gain = recall - fixed_recall."""
+    rows = []
+    for phi in phi0s:
+        m = mechanism(f, labels, phi, min(psi0, phi), T, sigma_pos, sigma_amb, n_anchors, seed)
+        rows.append(dict(phi0=float(phi), precision=m["ppap"]["precision"], recall=m["ppap"]["recall"],
+                         fixed_recall=m["fixed_recall_at_precision"],
+                         gain=m["ppap"]["recall"] - m["fixed_recall_at_precision"]))
+    return rows

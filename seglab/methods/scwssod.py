@@ -28,9 +28,9 @@ __all__ = ['HEAD_WEIGHTS', 'CONFIG', 'BREAKAGES', 'ScribbleSaliencyScenes', 'sta
            'gaussian_affinity', 'local_coherence_loss', 'lsc_sigma_rgb', 'lsc_kernel', 'lsc_loss', 'far_scores',
            'propagate', 'propagation_check', 'ssim_term', 'ssc_loss', 'downscale', 'cbr', 'upsample_to',
            'HeadAttention', 'GlobalContext', 'AGGM', 'SRM', 'SCWSSODNet', 'build_model', 'scwssod_losses', 'train_step',
-           'triangle', 'make_optimizer', 'voc_salient_crops', 'sod_stack', 'make_data', 'scribble_batches', 'train',
-           'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features', 'pixel_baseline', 'chance_maps',
-           'baseline_scores', 'score_table', 'breakage_report', 'chance_scores', 'tour', 'bench_case']
+           'triangle', 'make_optimizer', 'kernel_leak', 'voc_salient_crops', 'sod_stack', 'make_data',
+           'scribble_batches', 'train', 'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features', 'pixel_baseline',
+           'chance_maps', 'baseline_scores', 'score_table', 'breakage_report', 'chance_scores', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #7f457758
 class ScribbleSaliencyScenes(ToyDataset):
@@ -373,15 +373,29 @@ def make_optimizer(model: SCWSSODNet, cfg):
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #19d7927d
 CONFIG = dict(
-    common=dict(pce="bce", lsc_weight=0.3, sigma_xy=6.0, sigma_rgb=0.1, radius=5, inplace_sigma=False, ssc_scale=0.3,
+    common=dict(pce="bce", lsc_weight=0.3, sigma_rgb=0.1, inplace_sigma=False, ssc_scale=0.3,
                 ssc_alpha=0.85, aggm=True, seed=0, device=None, ckpt_every=50),
     toy=dict(data="toy", root=None, eval_data="toy", eval_root=None, backbone="toy_cnn", pretrained=True, size=40,
              width=16, n_train=64, n_test=48, fg_length=0.1, batch=8, steps=200, optimizer="adam", lr=2e-3,
-             lsc_scale=0.5, ssc=False, far_px=5, amp=False, log_every=10),
+             lsc_scale=1.0, sigma_xy=3.0, radius=3, ssc=False, far_px=5, amp=False, log_every=10),
     full=dict(data="duts", root=None, eval_data="ecssd", eval_root=None, backbone="resnet50", pretrained=True,
               size=256, width=256, n_train=2000, n_test=None, fg_length=None, batch=16, steps=1200, optimizer="sgd",
-              lr=1e-2, lsc_scale=0.25, ssc=True, far_px=32, amp=None, log_every=50),
+              lr=1e-2, lsc_scale=0.25, sigma_xy=6.0, radius=5, ssc=True, far_px=32, amp=None, log_every=50),
 )
+
+# %% ../../nbs/60_saliency/61_scwssod.ipynb #9b6e0000
+def kernel_leak(image: torch.Tensor, mask: torch.Tensor, scale: float, sigma_xy: float, sigma_rgb: float, radius: int,
+                norm=TOY_NORM) -> float:
+    """Share of the LSC kernel mass of object pixels that falls on background pixels (`mask` [N,H,W], the truth), with
+    LSC's kernel (`lsc_kernel`) on the `scale` grid of the [0,1] images [N,3,H,W] normalised with `norm`: how much
+    LSC ties the object to its surround (0 = not at all)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    K = lsc_kernel((image - mean) / std, scale, sigma_xy, sigma_rgb, radius)
+    m = F.interpolate(mask[:, None].float(), size=K.shape[-2:], mode="nearest")
+    k = 2 * radius + 1
+    neighbour = F.unfold(m, k, padding=radius).view(len(m), k * k, *m.shape[-2:])
+    obj = (m > 0.5).expand_as(K)
+    return float((K * (neighbour < 0.5))[obj].sum() / K[obj].sum())
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #6e7f5afd
 def voc_salient_crops(root=None, size: int = 256, seed: int = 0) -> dict:

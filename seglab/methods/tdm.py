@@ -124,16 +124,16 @@ class FixedWeight(nn.Module):
 ATTENTIONS = ("none", "fixed", "tdm")
 
 class FewShotNet(nn.Module):
-    "ProtoNet on `backbone` with channel weights from `attention` ('tdm', 'fixed' or 'none'); a learnable scale."
+    "ProtoNet on `backbone` with channel weights from `attention` ('tdm', 'fixed' or 'none'); a learnable scale (`scale_init`)."
     def __init__(self, backbone: nn.Module, attention: str = "tdm", mix: float = 0.5, noise: float = 0.2,
-                 pool: bool = False):
+                 pool: bool = False, scale_init: float = 1.0):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.backbone, self.kind, self.pool = backbone, attention, pool
         C = backbone.channels
         self.attention = TDM(C, mix, noise) if attention == "tdm" else FixedWeight(C) if attention == "fixed" else None
-        self.scale = nn.Parameter(torch.ones(1))
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))   # official: 1
 
     def forward(self, support_images: torch.Tensor, support_labels: torch.Tensor, query_images: torch.Tensor,
                 way: int | None = None) -> dict:
@@ -156,7 +156,8 @@ def build_backbone(cfg) -> nn.Module:
 
 def build_model(cfg) -> FewShotNet:
     "ProtoNet (+ TDM / + a fixed channel weight, `cfg.attention`) on the profile's backbone, trained from scratch."
-    return FewShotNet(build_backbone(cfg), cfg.attention, cfg.mix, cfg.noise, cfg.get("pool", False))
+    return FewShotNet(build_backbone(cfg), cfg.attention, cfg.mix, cfg.noise, cfg.get("pool", False),
+                      cfg.get("scale_init", 1.0))
 
 def train_step(model: FewShotNet, episode: dict) -> dict:
     "NLL of the log-softmax over the episode's classes, and the episode accuracy."
@@ -168,6 +169,7 @@ def train_step(model: FewShotNet, episode: dict) -> dict:
 CONFIG = dict(
     common=dict(seed=0, attention="tdm", mix=0.5, noise=0.2, shot=1, test_way=5, test_shot=1, test_queries=16,
                 ckpt_every=100, pretrained=False,   # nothing is pre-trained: `pretrained` is for the CLI contract
+                scale_init=1.0,                     # the logit scale's start (official: 1)
                 channels=64, side=5, signal_channels=4, signal=1.5, nuisance_channels=6, nuisance=3.0,
                 noise_std=1.0,                      # the feature toy's knobs (FeatureEpisodes)
                 size=84, width=64, crop=True, split="frn"),   # the image knobs (birds, CUB)
@@ -255,18 +257,20 @@ def make_optimizer(cfg, params):
         return torch.optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
-def train(cfg, data=None, callbacks=(), ckpt=None) -> tuple[FewShotNet, History]:
+def train(cfg, data=None, callbacks=(), ckpt=None, build=None, episodes=None,
+          desc: str | None = None) -> tuple[FewShotNet, History]:
     """Train `cfg.attention` for `cfg.steps` episodes (one per optimizer step) through `seglab.engine.fit`; `data`:
     training episodes (built with `make_episodes` when None). `ckpt`: a checkpoint path, saved every
-    `cfg.ckpt_every` steps; an existing file resumes the run."""
+    `cfg.ckpt_every` steps; an existing file resumes the run. `build(cfg)`, `episodes(cfg, train)`, `desc`: another
+    chapter's model factory, episode factory and progress label (TDM-IAM trains through this loop)."""
     seed_everything(cfg.seed)
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
-    model = build_model(cfg)
-    data = make_episodes(cfg, True) if data is None else data
+    model = (build or build_model)(cfg)
+    data = (episodes or make_episodes)(cfg, True) if data is None else data
     opt = make_optimizer(cfg, model.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, max(1, cfg.steps // 2), 0.1) if cfg.optimizer == "sgd" else None
     history = fit(model, train_step, _epochs(data), opt, steps=cfg.steps, scheduler=sched, seed=cfg.seed,
-                  device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, desc=cfg.attention)
+                  device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, desc=desc or cfg.attention)
     return model.eval(), history
 
 # %% ../../nbs/40_fewshot/44_tdm.ipynb #c4211fc7
@@ -289,9 +293,12 @@ def evaluate(model: FewShotNet, cfg, data=None) -> dict:
 def mechanism_gaps(model: FewShotNet, episodes) -> dict:
     """Mean TDM weight gaps on feature-toy episodes (their `meta` truth): `sam_signal` (w_SAM on the class's signal
     channels - on its others), `sam_nuisance` (others - the support's nuisance channels; 1-shot), `qam_nuisance`
-    (w_QAM on a query's others - its nuisance channels) and `combined` (w on the class's signal - the rest)."""
+    (w_QAM on a query's others - its nuisance channels) and `combined` (w on the class's signal - the rest); also
+    the weights' level: `w_mean`, `w_qam_mean` and `saturated` (the share of combined weights above 1.9 of the
+    ceiling 2, where tanh passes almost no gradient)."""
     model.eval()
-    gaps = {k: [] for k in ("sam_signal", "sam_nuisance", "qam_nuisance", "combined")}
+    gaps = {k: [] for k in ("sam_signal", "sam_nuisance", "qam_nuisance", "combined", "w_mean", "w_qam_mean",
+                            "saturated")}
     def diff(w, mask):
         return (w[mask].mean() - w[~mask].mean()).item()
     for i in range(len(episodes)):
@@ -304,6 +311,8 @@ def mechanism_gaps(model: FewShotNet, episodes) -> dict:
         gaps["combined"].append(diff(out["w"], sig[:, None].expand_as(out["w"])))
         gaps["sam_nuisance"].append(-diff(out["w_sam"], mask(e["meta"]["support_nuisance"][e["support_labels"].argsort()][:N], N)))
         gaps["qam_nuisance"].append(-diff(out["w_qam"], mask(e["meta"]["query_nuisance"], len(out["w_qam"]))))
+        gaps["w_mean"].append(out["w"].mean().item()); gaps["w_qam_mean"].append(out["w_qam"].mean().item())
+        gaps["saturated"].append((out["w"] > 1.9).float().mean().item())
     return {k: float(np.mean(v)) for k, v in gaps.items()}
 
 # %% ../../nbs/40_fewshot/44_tdm.ipynb #fdc0e193

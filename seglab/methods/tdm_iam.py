@@ -14,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..baselines import prototype_accuracy
-from ..config import get_device, pick, seed_everything
-from ..engine import History, fit, to_device
+from ..config import get_device, pick
+from ..engine import History, to_device
 from ..fewshot_cls import ClassEpisodes, SandGlass
-from .tdm import (FewShotNet, _epochs, conv_block, image_transform, make_optimizer, proto_logits,
-                                prototypes, qam_statistics, split_classes, train_step)
+from .tdm import (FewShotNet, conv_block, image_transform, make_optimizer, proto_logits, prototypes,
+                                qam_statistics, split_classes, train_step)
+from .tdm import train as train_tdm
 from ..metrics import auroc, mean_ci95
 from ..toyworld import BIRD_SPLITS, ToyBirds
 
@@ -154,19 +155,12 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
     raise ValueError(f"data must be 'birds' or 'cub200', got {cfg.data!r}")
 
 def train(cfg, data=None, callbacks=(), ckpt=None) -> tuple[FewShotNet, History]:
-    """Train the model of `cfg` (`attention`, `iam`; see `ARMS`) for `cfg.steps` episodes through
-    `seglab.engine.fit`; `data`: training episodes (`make_episodes` when None). `ckpt`: a checkpoint path, saved
-    every `cfg.ckpt_every` steps; an existing file resumes the run."""
-    seed_everything(cfg.seed)
-    device = get_device() if cfg.profile == "full" else torch.device("cpu")
-    model = build_model(cfg)
-    data = make_episodes(cfg, True) if data is None else data
-    opt = make_optimizer(cfg, model.parameters())
-    sched = torch.optim.lr_scheduler.StepLR(opt, max(1, cfg.steps // 2), 0.1) if cfg.optimizer == "sgd" else None
-    history = fit(model, train_step, _epochs(data), opt, steps=cfg.steps, scheduler=sched, seed=cfg.seed,
-                  device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every,
-                  desc=f"{cfg.attention}+{cfg.iam}")
-    return model.eval(), history
+    """Train the model of `cfg` (`attention`, `iam`; see `ARMS`) for `cfg.steps` episodes with TDM's loop
+    (`seglab.methods.tdm.train`: `seglab.engine.fit`, the same optimizer and schedule) on this chapter's model and
+    episodes; `data`: training episodes (`make_episodes` when None). `ckpt`: a checkpoint path, saved every
+    `cfg.ckpt_every` steps; an existing file resumes the run."""
+    return train_tdm(cfg, data, callbacks, ckpt, build=build_model, episodes=make_episodes,
+                     desc=f"{cfg.attention}+{cfg.iam}")
 
 # %% ../../nbs/40_fewshot/45_tdm_iam.ipynb #dca3a648
 def episode_logits(model: FewShotNet, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
