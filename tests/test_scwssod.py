@@ -110,6 +110,35 @@ def test_scenes_vary_colour_and_keep_scribbles_inside_their_region():
         sc.ScribbleSaliencyScenes(2, fg_length=0)
 
 
+def test_scene_knobs_keep_default_scenes_and_move_the_object():
+    import hashlib
+    d = sc.stack_scenes(sc.ScribbleSaliencyScenes(3, size=40, seed=0))
+    digest = hashlib.sha256(b"".join(d[k].numpy().tobytes() for k in ("image", "mask", "scribble"))).hexdigest()
+    assert digest == "f018b558691ec399da912bd9a8a72e80fee804dffd9c8beceefd36bbfc56208f"   # defaults unchanged
+    off = sc.stack_scenes(sc.ScribbleSaliencyScenes(24, size=40, seed=0, centre=(0.25, 0.75), radius=(0.2, 0.28)))
+    near = sc.stack_scenes(sc.ScribbleSaliencyScenes(24, size=40, seed=0))
+    ys = torch.arange(40.0)
+    def spread(m):   # mean distance of the object's centroid from the image centre
+        cy = (m.sum(2) * ys).sum(1) / m.sum((1, 2))
+        cx = (m.sum(1) * ys).sum(1) / m.sum((1, 2))
+        return ((cy - 19.5) ** 2 + (cx - 19.5) ** 2).sqrt().mean()
+    assert spread(off["mask"]) > spread(near["mask"]) + 2 and off["mask"].mean() < near["mask"].mean()
+    with pytest.raises(ValueError, match="centre"):
+        sc.ScribbleSaliencyScenes(2, centre=(0.7, 0.3))
+
+
+def test_kernel_coherence_flat_vs_noise():
+    flat = torch.full((2, 3, 16, 16), 0.5)
+    noisy = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 16, 16)
+    mask[:, 4:12, 4:12] = 1
+    mixed = torch.where(mask[:, None] > 0, flat, noisy)            # flat object on a noisy background
+    assert sc.kernel_coherence(flat, mask, 1.0, 3.0, 0.1, 3) == pytest.approx(dict(object=1.0, background=1.0))
+    c = sc.kernel_coherence(mixed, mask, 1.0, 3.0, 0.1, 3)
+    assert c["object"] > 0.3 and c["background"] < 0.05             # object and background are not swapped
+    assert sc.kernel_coherence(noisy, mask, 1.0, 3.0, 10.0, 3)["background"] > 0.9   # a wide sigma_rgb keeps all
+
+
 # ---------------------------------------------------------------- training, resume, tour, bench
 
 def test_train_and_evaluate_toy():

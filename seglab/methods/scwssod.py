@@ -28,32 +28,39 @@ __all__ = ['HEAD_WEIGHTS', 'CONFIG', 'BREAKAGES', 'ScribbleSaliencyScenes', 'sta
            'gaussian_affinity', 'local_coherence_loss', 'lsc_sigma_rgb', 'lsc_kernel', 'lsc_loss', 'far_scores',
            'propagate', 'propagation_check', 'ssim_term', 'ssc_loss', 'downscale', 'cbr', 'upsample_to',
            'HeadAttention', 'GlobalContext', 'AGGM', 'SRM', 'SCWSSODNet', 'build_model', 'scwssod_losses', 'train_step',
-           'triangle', 'make_optimizer', 'kernel_leak', 'voc_salient_crops', 'sod_stack', 'make_data',
-           'scribble_batches', 'train', 'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features', 'pixel_baseline',
-           'chance_maps', 'baseline_scores', 'score_table', 'breakage_report', 'chance_scores', 'tour', 'bench_case']
+           'triangle', 'make_optimizer', 'kernel_leak', 'kernel_coherence', 'voc_salient_crops', 'sod_stack',
+           'make_data', 'scribble_batches', 'train', 'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features',
+           'pixel_baseline', 'chance_maps', 'baseline_scores', 'score_table', 'breakage_report', 'chance_scores',
+           'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #7f457758
 class ScribbleSaliencyScenes(ToyDataset):
     """`n` saliency scenes for scribble supervision: `image`, `mask` float {0,1}, `scribble` (1 fg, 0 bg, 255) and
     `meta`. Object and background colours are drawn per image from the shared palette (with its nuisances); the
-    salient object is one plain-coloured shape of radius 0.24-0.32 `size` (with the class's thin part) near the
-    centre, over textured stuff with `clutter` (min, max) small objects. The fg scribble is one straight stroke of
+    salient object is one plain-coloured shape of radius `radius` (fractions of `size`; with the class's thin part)
+    whose centre is drawn uniformly in `centre` (fractions of `size`, per axis; the default keeps it near the image
+    centre), over textured stuff with `clutter` (min, max) small objects. The fg scribble is one straight stroke of
     half-length `fg_length`·`size` inside the eroded object; the bg scribble two strokes of `bg_length`."""
     view = "saliency"
     def __init__(self, n: int, size: int = 40, seed: int = 0, fg_length: float = 0.1, bg_length: float = 0.45,
-                 clutter: tuple[int, int] = (0, 3)):
+                 clutter: tuple[int, int] = (0, 3), centre: tuple[float, float] = (0.4, 0.6),
+                 radius: tuple[float, float] = (0.24, 0.32)):
         super().__init__(n, seed)
         if not 0 < fg_length <= 1 or not 0 < bg_length <= 1:
             raise ValueError(f"fg_length={fg_length} and bg_length={bg_length} must lie in (0, 1] (fractions of the size)")
+        if not 0 <= centre[0] <= centre[1] <= 1 or not 0 < radius[0] <= radius[1] < 0.5:
+            raise ValueError(f"centre={centre} must lie in [0, 1] and radius={radius} in (0, 0.5), both (low, high) "
+                             "fractions of the size")
         self.size, self.fg_length, self.bg_length, self.clutter = size, fg_length, bg_length, clutter
+        self.centre, self.radius = centre, radius
 
     def sample(self, rng, i):
         size = self.size
         stuff = sample_stuff(rng, size, palette="shared")
         clutter = [sample_object(rng, size, int(rng.integers(NUM_STUFF, NUM_CLASSES)), (0.06, 0.1), palette="shared")
                    for _ in range(int(rng.integers(self.clutter[0], self.clutter[1] + 1)))]
-        main = sample_object(rng, size, int(rng.integers(NUM_STUFF, NUM_CLASSES)), (0.24, 0.32), palette="shared")
-        main.update(texture=0, cy=float(rng.uniform(0.4, 0.6) * size), cx=float(rng.uniform(0.4, 0.6) * size))
+        main = sample_object(rng, size, int(rng.integers(NUM_STUFF, NUM_CLASSES)), self.radius, palette="shared")
+        main.update(texture=0, cy=float(rng.uniform(*self.centre) * size), cx=float(rng.uniform(*self.centre) * size))
         light = dict(gain=float(rng.uniform(0.9, 1.05)), gy=0.0, gx=0.0, noise=0.02)
         spec = dict(size=size, stuff=stuff, objects=clutter + [main], light=light)
         img, sem, inst = render_scene(spec, rng)
@@ -396,6 +403,18 @@ def kernel_leak(image: torch.Tensor, mask: torch.Tensor, scale: float, sigma_xy:
     neighbour = F.unfold(m, k, padding=radius).view(len(m), k * k, *m.shape[-2:])
     obj = (m > 0.5).expand_as(K)
     return float((K * (neighbour < 0.5))[obj].sum() / K[obj].sum())
+
+def kernel_coherence(image: torch.Tensor, mask: torch.Tensor, scale: float, sigma_xy: float, sigma_rgb: float,
+                     radius: int, norm=TOY_NORM) -> dict:
+    """How much of LSC's spatial kernel mass the colour term keeps, averaged over `object` and over `background`
+    pixels (`mask` [N,H,W], the truth) of the [0,1] images [N,3,H,W] normalised with `norm`, on the `scale` grid:
+    1 = colour-flat regions (LSC ties every neighbour), near 0 = texture or noise (LSC ties almost none)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    K = lsc_kernel((image - mean) / std, scale, sigma_xy, sigma_rgb, radius).sum(1)
+    flat = gaussian_affinity(image.new_zeros(1, 1, *K.shape[-2:]), (dict(weight=1.0, xy=sigma_xy),), radius).sum(1)
+    kept = K / flat
+    m = F.interpolate(mask[:, None].float(), size=K.shape[-2:], mode="nearest")[:, 0] > 0.5
+    return dict(object=float(kept[m].mean()), background=float(kept[~m].mean()))
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #6e7f5afd
 def voc_salient_crops(root=None, size: int = 256, seed: int = 0) -> dict:
