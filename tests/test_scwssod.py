@@ -125,6 +125,14 @@ def test_scene_knobs_keep_default_scenes_and_move_the_object():
     assert spread(off["mask"]) > spread(near["mask"]) + 2 and off["mask"].mean() < near["mask"].mean()
     with pytest.raises(ValueError, match="centre"):
         sc.ScribbleSaliencyScenes(2, centre=(0.7, 0.3))
+    flat = sc.stack_scenes(sc.ScribbleSaliencyScenes(8, size=40, seed=0, bg_contrast=0.2))
+    textured = sc.stack_scenes(sc.ScribbleSaliencyScenes(8, size=40, seed=0))
+    assert torch.equal(flat["mask"], textured["mask"]) and torch.equal(flat["scribble"], textured["scribble"])
+    coh = [sc.kernel_coherence(d["image"], d["mask"], 1.0, 3.0, 0.1, 3) for d in (flat, textured)]
+    assert coh[0]["background"] > coh[1]["background"] + 0.03          # flatter stuff, more LSC ties on background
+    assert coh[0]["object"] == pytest.approx(coh[1]["object"], abs=0.02)   # the object is untouched
+    with pytest.raises(ValueError, match="bg_contrast"):
+        sc.ScribbleSaliencyScenes(2, bg_contrast=1.5)
 
 
 def test_kernel_coherence_flat_vs_noise():

@@ -20,8 +20,8 @@ from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import SODDataset, VOCSegmentation, resize_image, resize_mask, sample_data_dir
 from ..engine import fit
 from ..metrics import SaliencyMeter
-from ..toyworld import (NUM_CLASSES, NUM_STUFF, ToyDataset, _meta, render_scene, sample_object, sample_stuff,
-                             scribble_of)
+from ..toyworld import (NUM_CLASSES, NUM_STUFF, ToyDataset, _meta, apply_light, paint_object, render_scene,
+                             render_stuff, sample_object, sample_stuff, scribble_of)
 
 # %% auto #0
 __all__ = ['HEAD_WEIGHTS', 'CONFIG', 'BREAKAGES', 'ScribbleSaliencyScenes', 'stack_scenes', 'pce_loss', 'pixel_mesh',
@@ -39,12 +39,13 @@ class ScribbleSaliencyScenes(ToyDataset):
     `meta`. Object and background colours are drawn per image from the shared palette (with its nuisances); the
     salient object is one plain-coloured shape of radius `radius` (fractions of `size`; with the class's thin part)
     whose centre is drawn uniformly in `centre` (fractions of `size`, per axis; the default keeps it near the image
-    centre), over textured stuff with `clutter` (min, max) small objects. The fg scribble is one straight stroke of
+    centre), over textured stuff with `clutter` (min, max) small objects. `bg_contrast` < 1 scales the stuff's
+    texture about each stuff region's mean colour before the objects and the light (1 = ToyWorld's texture). The fg scribble is one straight stroke of
     half-length `fg_length`·`size` inside the eroded object; the bg scribble two strokes of `bg_length`."""
     view = "saliency"
     def __init__(self, n: int, size: int = 40, seed: int = 0, fg_length: float = 0.1, bg_length: float = 0.45,
                  clutter: tuple[int, int] = (0, 3), centre: tuple[float, float] = (0.4, 0.6),
-                 radius: tuple[float, float] = (0.24, 0.32)):
+                 radius: tuple[float, float] = (0.24, 0.32), bg_contrast: float = 1.0):
         super().__init__(n, seed)
         if not 0 < fg_length <= 1 or not 0 < bg_length <= 1:
             raise ValueError(f"fg_length={fg_length} and bg_length={bg_length} must lie in (0, 1] (fractions of the size)")
@@ -52,7 +53,9 @@ class ScribbleSaliencyScenes(ToyDataset):
             raise ValueError(f"centre={centre} must lie in [0, 1] and radius={radius} in (0, 0.5), both (low, high) "
                              "fractions of the size")
         self.size, self.fg_length, self.bg_length, self.clutter = size, fg_length, bg_length, clutter
-        self.centre, self.radius = centre, radius
+        if not 0 <= bg_contrast <= 1:
+            raise ValueError(f"bg_contrast={bg_contrast} must lie in [0, 1] (1 = ToyWorld's stuff texture)")
+        self.centre, self.radius, self.bg_contrast = centre, radius, bg_contrast
 
     def sample(self, rng, i):
         size = self.size
@@ -63,7 +66,7 @@ class ScribbleSaliencyScenes(ToyDataset):
         main.update(texture=0, cy=float(rng.uniform(*self.centre) * size), cx=float(rng.uniform(*self.centre) * size))
         light = dict(gain=float(rng.uniform(0.9, 1.05)), gy=0.0, gx=0.0, noise=0.02)
         spec = dict(size=size, stuff=stuff, objects=clutter + [main], light=light)
-        img, sem, inst = render_scene(spec, rng)
+        img, sem, inst = render_scene(spec, rng) if self.bg_contrast == 1 else self.render_flatter(spec, rng)
         fg = inst == len(spec["objects"])
         s_fg = scribble_of([fg], [1], rng, self.fg_length)
         s_bg = scribble_of([~fg, ~fg], [0, 0], rng, self.bg_length)
@@ -71,6 +74,18 @@ class ScribbleSaliencyScenes(ToyDataset):
         return dict(image=torch.from_numpy(img), mask=torch.from_numpy(fg.astype(np.float32)),
                     scribble=torch.from_numpy(scribble.astype(np.int64)),
                     meta=_meta(self.view, self.seed, i, class_id=main["cls"], n_clutter=len(clutter), colour=main["colour"]))
+
+    def render_flatter(self, spec: dict, rng) -> tuple:
+        "`render_scene` with the stuff texture scaled by `bg_contrast` about each stuff region's mean colour."
+        img, sem = render_stuff(spec["stuff"], spec["size"])
+        for v in np.unique(sem):
+            m = sem == v
+            mu = img[:, m].mean(1, keepdims=True)
+            img[:, m] = mu + self.bg_contrast * (img[:, m] - mu)
+        inst = np.zeros_like(sem)
+        for k, obj in enumerate(spec["objects"]):
+            paint_object(img, sem, inst, obj, k + 1)
+        return apply_light(img, spec["light"], rng), sem, inst
 
 def stack_scenes(ds) -> dict:
     "`image` [N,3,H,W], `mask` [N,H,W], `scribble` [N,H,W] of every sample of a saliency dataset."
