@@ -92,15 +92,20 @@ class SandGlass(nn.Module):
 class FeatureEpisodes(torch.utils.data.Dataset):
     """`n` N-way K-shot episodes of feature maps `[C, side, side]` (the episode keys of `seglab.toyworld.BirdEpisodes`).
     Per episode: a base map shared by the classes; class n adds `signal` x a random pattern in `signal_channels`
-    random channels; each instance adds `noise` x N(0,1) everywhere and `nuisance` x a random pattern in
-    `nuisance_channels` random channels of its own. `meta`: `signal_channels` [N,s], `support_nuisance` [N*K,u],
-    `query_nuisance` [N*Q,u]. Reproducible per (seed, epoch, index)."""
+    random channels; each instance adds `noise` x N(0,1) everywhere and corrupts `nuisance_channels` random channels
+    of its own: `nuisance_kind='add'` adds `nuisance` x a random pattern there, `'lose'` replaces their content by
+    the instance noise alone. `amplitude` scales every map. `meta`: `signal_channels` [N,s], `support_nuisance`
+    [N*K,u], `query_nuisance` [N*Q,u]. Reproducible per (seed, epoch, index)."""
+    kinds = ("add", "lose")
     view = "feature_episodes"
     def __init__(self, n: int, way: int = 5, shot: int = 1, queries: int = 16, channels: int = 64, side: int = 5,
                  signal_channels: int = 4, signal: float = 1.5, nuisance_channels: int = 6, nuisance: float = 3.0,
-                 noise: float = 1.0, seed: int = 0):
+                 noise: float = 1.0, seed: int = 0, nuisance_kind: str = "add", amplitude: float = 1.0):
         if signal_channels + nuisance_channels > channels:
             raise ValueError(f"signal_channels + nuisance_channels must fit in channels={channels}")
+        if nuisance_kind not in self.kinds:
+            raise ValueError(f"nuisance_kind must be one of {self.kinds}, got {nuisance_kind!r}")
+        self.nuisance_kind, self.amplitude = nuisance_kind, amplitude
         self.n, self.way, self.shot, self.queries, self.channels, self.side = n, way, shot, queries, channels, side
         self.signal_channels, self.signal, self.nuisance_channels = signal_channels, signal, nuisance_channels
         self.nuisance, self.noise, self.seed, self.epoch = nuisance, noise, seed, 0
@@ -115,7 +120,13 @@ class FeatureEpisodes(torch.utils.data.Dataset):
         C, M = self.channels, self.side ** 2
         x = np.repeat(classes, k, axis=0) + self.noise * rng.standard_normal((len(classes) * k, C, M))
         nuis = rng.random((len(x), C)).argsort(1)[:, :self.nuisance_channels]   # distinct channels per instance
-        x[np.arange(len(x))[:, None], nuis] += self.nuisance * rng.standard_normal((len(x), self.nuisance_channels, M))
+        pattern = rng.standard_normal((len(x), self.nuisance_channels, M))
+        if self.nuisance_kind == "add":     # clutter: a strong pattern on top
+            x[np.arange(len(x))[:, None], nuis] += self.nuisance * pattern
+        else:                               # lost: the channel shows nothing but the instance's noise
+            x[np.arange(len(x))[:, None], nuis] = self.noise * pattern
+        if self.amplitude != 1.0:
+            x = x * self.amplitude
         return torch.from_numpy(x.astype(np.float32)).view(len(x), C, self.side, self.side), torch.from_numpy(nuis)
 
     def __getitem__(self, i: int) -> dict:

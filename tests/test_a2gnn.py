@@ -155,3 +155,16 @@ def test_full_config_one_step_on_voc_samples():
     out = a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg)
     assert out["prob"].shape == (3, 21, 320, 320) and torch.isfinite(out["prob"]).all()
     assert out["prob_crf"].shape == (3, 21, 320, 320) and torch.isfinite(out["prob_crf"]).all()   # window DenseCRF
+
+
+def test_box_accuracy_splits_inside_and_outside_the_boxes():
+    "In-box accuracy beside filled boxes' (the box fill ratio), outside-box accuracy, and where the false foreground lies."
+    truth = torch.zeros(1, 12, 12, dtype=torch.long); truth[0, 2:6, 2:4] = 3             # the object fills half its box
+    filled = torch.zeros(1, 12, 12, dtype=torch.long); filled[0, 2:6, 2:6] = 3           # box: rows 2-5, cols 2-5
+    pred = truth.clone(); pred[0, 6, 2:6] = 3; pred[0, 11, 11] = 3                        # 4 false fg px next to the box, 1 far
+    r = a2gnn.box_accuracy(pred, truth, filled)
+    assert r["inbox_acc"] == 1.0 and r["inbox_acc_filled"] == 0.5
+    assert abs(r["outside_acc"] - (1 - 5 / 128)) < 1e-6 and abs(r["fp_near_box"] - 0.8) < 1e-6
+    m = a2gnn.mechanism(dict(pred=pred, removed=torch.zeros(1, 12, 12, dtype=torch.bool)),
+                        dict(seeds=truth, mask=truth, filled=filled))
+    assert m["inbox_acc_filled"] == 0.5 and m["outside_acc"] == r["outside_acc"]

@@ -92,6 +92,37 @@ def test_cosine_vote_ignores_pixel_norms_and_the_dot_vote_does_not():
         dcfm.DPG(8, vote="cos")
 
 
+def test_tied_qk_init_makes_the_vote_a_similarity_and_stays_tied():
+    x = torch.rand(1, 3, 32, 32)                                             # a group of one image
+    votes = {}
+    for qk in ("independent", "tied"):
+        m = dcfm.build_model(tiny(qk_init=qk)).eval()
+        with torch.no_grad():
+            votes[qk] = m(x)["votes"]
+        assert torch.equal(m.dpg.key.weight, m.dpg.query.weight) == (qk == "tied")
+    scale = dcfm.DPG(128).scale
+    # tied cosine vote: every pixel's best match in its own image is itself (cosine 1); independent draws: not
+    assert torch.allclose(votes["tied"], torch.full_like(votes["tied"], scale), atol=1e-5)
+    assert not torch.allclose(votes["independent"], torch.full_like(votes["independent"], scale), atol=1e-3)
+    model = dcfm.train(tiny(qk_init="tied"))["model"]
+    assert torch.equal(model.dpg.key.weight, model.dpg.query.weight)         # neither gets a gradient: they stay tied
+    assert pick(dcfm.CONFIG, "toy").qk_init == "tied" and pick(dcfm.CONFIG, "full").qk_init == "independent"
+    with pytest.raises(ValueError, match="'independent'"):
+        dcfm.build_model(tiny(qk_init="same"))
+
+
+def test_identity_dpg_votes_on_the_plain_features():
+    torch.manual_seed(0)
+    m = dcfm.identity_dpg(dcfm.build_model(tiny(qk_init="independent"))).eval()
+    x5 = torch.randn(3, 128, 4, 4)
+    o = m.dpg(x5)
+    assert torch.allclose(o["x5"], x5)                                       # residual conv off
+    xn = torch.nn.functional.normalize(x5, dim=1)
+    assert torch.allclose(o["votes"].flatten(1), dcfm.group_votes(xn, xn, m.dpg.scale), atol=1e-5)
+    with pytest.raises(ValueError, match="no DPG"):
+        dcfm.identity_dpg(dcfm.build_model(tiny(dpg=False, dfe=False)))
+
+
 def test_toy_loss_keeps_a_gradient_on_saturated_logits():
     "The official IoU loss alone has (almost) no gradient once every logit is far below 0; the toy's BCE term does."
     g = torch.zeros(2, 8, 8); g[:, 2:5, 2:5] = 1

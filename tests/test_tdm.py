@@ -164,3 +164,28 @@ def test_mechanism_gaps_report_the_weights_level():
         torch.nn.init.constant_(m.linear2.weight, 50.0)                   # tanh at its ceiling: every weight ~2
     g = tdm.mechanism_gaps(net, eps)
     assert g["saturated"] > 0.99 and g["w_mean"] > 1.99
+
+
+def test_toy_losses_are_the_weakest_channels_and_the_signal_the_strongest():
+    """SAM and QAM see a channel only through its energy ||X^c - mu(X)||^2 / HW: the toy's corruption (channels an
+    instance lost) must be an instance's weakest channels and the class signal its strongest, so that one monotone
+    weight can turn the signal up and the losses down. The clutter version (`nuisance_kind='add'`) breaks that order:
+    the clutter outranks the signal (the combined-weight gap is negative there, measured in the chapter)."""
+    cfg = pick(tdm.CONFIG, "toy")
+    assert cfg.nuisance_kind == "lose" and cfg.amplitude == 3.0 and cfg.nuisance_channels == 16
+
+    def energies(c):
+        e = tdm.make_episodes(c, False, n=1)[0]
+        d = tdm.qam_statistics(e["query_images"].flatten(2))
+        rows = torch.arange(len(d))[:, None]
+        lost = torch.zeros_like(d, dtype=torch.bool)
+        lost[rows, e["meta"]["query_nuisance"]] = True
+        sig = torch.zeros_like(lost)
+        sig[rows, e["meta"]["signal_channels"][e["query_labels"]]] = True
+        sig &= ~lost
+        return d[lost].mean(), d[~lost & ~sig].mean(), d[sig].mean()
+
+    lost, other, signal = energies(cfg)
+    assert lost < 0.7 * other and other < 0.7 * signal
+    clutter, other, signal = energies(cfg.replace(nuisance_kind="add", amplitude=1.0, nuisance_channels=6))
+    assert clutter > signal > other                                   # the card's clutter toy: not monotone

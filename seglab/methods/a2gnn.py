@@ -28,7 +28,7 @@ __all__ = ['CONFIG', 'TOY_BACKBONES', 'toy_data', 'filled_boxes', 'grabcut_seeds
            'affinity_loss', 'gaussian_kernel', 'gcrf_affinity', 'gcrf_potts', 'A2GNN', 'flat_boxes', 'mp_points',
            'sample_at', 'mp_loss', 'consistency_check', 'balanced_ce', 'fit_a2gnn', 'load_backbone', 'make_data',
            'graph_inputs', 'build_model', 'train_step', 'GraphBatches', 'train', 'build_graphs', 'pseudo_labels',
-           'miou', 'box_readout', 'chance_miou', 'mechanism', 'evaluate', 'tour', 'bench_case']
+           'miou', 'box_readout', 'chance_miou', 'mechanism', 'box_accuracy', 'evaluate', 'tour', 'bench_case']
 
 # %% ../../nbs/20_weak/23_a2gnn.ipynb #eb12b667
 def toy_data(n: int, seed: int, size: int = 64, difficulty: float = 0.75) -> dict:
@@ -576,7 +576,10 @@ def mechanism(out: dict, data: dict) -> dict:
     the seeds left at 255, beside `constant`, the better of the two constant guesses there (all background, or all
     the box's class). `removed_wrong`: share of the seeds removed by consistency checking whose true class is not the
     box's, beside `seed_wrong`, that share among all in-box foreground seeds. `removed_edge` / `seed_edge`: the share
-    of those on a true boundary (another class within 2 px)."""
+    of those on a true boundary (another class within 2 px). Where the pseudo labels win or lose against filled boxes:
+    `inbox_acc` / `inbox_acc_filled`, the accuracy of the pseudo labels / of filled boxes on the pixels inside some box
+    (the latter is the box fill ratio: how right filling is), `outside_acc` (outside every box, where filled boxes are right by
+    construction) and `fp_near_box` (share of the false foreground outside the boxes that lies within 4 px of a box)."""
     seeds, truth, filled = data["seeds"], data["mask"], data["filled"]
     ign = (filled > 0) & (seeds == 255)
     acc = (out["pred"][ign] == truth[ign]).float().mean().item()
@@ -587,7 +590,18 @@ def mechanism(out: dict, data: dict) -> dict:
     edge = (F.max_pool2d(t, 5, 1, 2) != -F.max_pool2d(-t, 5, 1, 2))[:, 0]
     share = lambda v, m: v[m].float().mean().item() if m.any() else float("nan")
     return dict(ignored_acc=acc, constant=const, n_removed=int(rm.sum()), removed_wrong=share(truth != seeds, rm),
-                seed_wrong=share(truth != seeds, fg), removed_edge=share(edge, rm), seed_edge=share(edge, fg))
+                seed_wrong=share(truth != seeds, fg), removed_edge=share(edge, rm), seed_edge=share(edge, fg),
+                **box_accuracy(out["pred"], truth, filled))
+
+
+def box_accuracy(pred: torch.Tensor, truth: torch.Tensor, filled: torch.Tensor, near: int = 4) -> dict:
+    "Pixel accuracy of `pred` inside / outside the boxes beside filled boxes' (see `mechanism`); 255 in `truth` ignored."
+    inb, ok = filled > 0, truth != 255
+    fp = ~inb & ok & (pred != 0)
+    close = F.max_pool2d(inb.float()[:, None], 2 * near + 1, 1, near)[:, 0] > 0
+    acc = lambda p, m: (p[m] == truth[m]).float().mean().item() if m.any() else float("nan")
+    return dict(inbox_acc=acc(pred, inb & ok), inbox_acc_filled=acc(filled, inb & ok), outside_acc=acc(pred, ~inb & ok),
+                fp_near_box=(fp & close).sum().item() / max(fp.sum().item(), 1))
 
 
 def evaluate(model: AffinityHead, cfg, data: dict, graph: dict, out: dict | None = None) -> dict:

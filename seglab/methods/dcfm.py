@@ -29,7 +29,7 @@ __all__ = ['VGG_STAGES', 'CONFIG', 'BENCH_HAS_CACHE', 'DistractorGroups', 'Encod
            'CoSODMeter', 'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root',
            'split_groups', 'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features',
            'consensus_map', 'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'mechanism',
-           'random_seeds', 'argmin_seeds', 'all_seeds', 'shuffle_groups', 'tour', 'bench_case']
+           'random_seeds', 'argmin_seeds', 'all_seeds', 'shuffle_groups', 'identity_dpg', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #790a2841
 def _place(rng: np.random.Generator, size: int, r1: float, r2: float, gap: float = 1.25, tries: int = 200):
@@ -302,7 +302,8 @@ def scl_loss(p: torch.Tensor, p_pos: torch.Tensor, p_neg: torch.Tensor, eps: flo
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #9a251dad
 def build_model(cfg) -> DCFMNet:
-    "DCFM (or, with `dpg`/`dfe` off, the single-image network) on the `cfg.backbone` encoder ('toy_cnn' or 'vgg16')."
+    """DCFM (or, with `dpg`/`dfe` off, the single-image network) on the `cfg.backbone` encoder ('toy_cnn' or 'vgg16').
+    `cfg.qk_init`: 'independent' (official: DPG's Q and K are two Kaiming draws) or 'tied' (the toy: K starts as Q)."""
     enc = {"toy_cnn": toy_encoder, "vgg16": vgg16_encoder}.get(cfg.backbone)
     if enc is None:
         raise ValueError(f"backbone={cfg.backbone!r} is not known; use 'toy_cnn' or 'vgg16'")
@@ -310,10 +311,16 @@ def build_model(cfg) -> DCFMNet:
         raise ValueError(f"init={cfg.init!r}: use 'kaiming' (the official weights_init) or 'default' (PyTorch's)")
     torch.manual_seed(cfg.seed)
     model = DCFMNet(enc(cfg.pretrained), cfg.width, cfg.dpg, cfg.dfe, cfg.dfe_clamp, cfg.get("vote", "dot"))
+    qk = cfg.get("qk_init", "independent")
+    if qk not in ("independent", "tied"):
+        raise ValueError(f"qk_init={qk!r}: use 'independent' (the official init: two Kaiming draws) or 'tied' "
+                         "(DPG's key starts as a copy of its query, so the untrained vote is a feature similarity)")
     for name, m in model.named_modules():        # the official `weights_init` (Kaiming, fan-in) on the new layers
         if cfg.init == "kaiming" and isinstance(m, nn.Conv2d) and not name.startswith("encoder."):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(m.bias)
+    if qk == "tied" and model.dpg is not None:  # the toy option: the same draw for Q and K (they never train)
+        model.dpg.key.load_state_dict(model.dpg.query.state_dict())
     return model
 
 def dcfm_losses(model: DCFMNet, images: torch.Tensor, gts: torch.Tensor, cfg, seed_fn=None, frozen=None) -> dict:
@@ -624,13 +631,29 @@ CONFIG = dict(
                 init="kaiming", seed=0, device=None, ckpt_every=100),
     toy=dict(data="toy", root=None, backbone="toy_cnn", pretrained=True, cache=True, size=64, width=16, group_size=5,
              max_num=5, n_train=60, n_val=0, n_test=16, difficulty=0.3, palette="class", lookalike=0.3,
-             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", iters=300, lr=1e-4, amp=False, val_every=0, log_every=10,
+             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", qk_init="tied", iters=300, lr=1e-4, amp=False, val_every=0, log_every=10,
              train_set=None, test_sets=(), max_images=None),
     full=dict(data="cosod", root=None, backbone="vgg16", pretrained=True, cache=False, size=224, width=64,
               group_size=None, max_num=16, n_train=None, n_val=8, n_test=None, difficulty=None, palette=None,
-              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", iters=8000, lr=1e-4, amp=True, val_every=500,
+              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", qk_init="independent", iters=8000, lr=1e-4, amp=True, val_every=500,
               log_every=50, train_set="coco_seg", test_sets=("coca", "cosal2015"), max_images=60),
 )
+
+# %% ../../nbs/60_saliency/62_dcfm.ipynb #d0c8ae91
+@torch.no_grad()
+def identity_dpg(model: DCFMNet) -> DCFMNet:
+    """DPG reduced to the plain feature vote, in place: residual conv off, Q = K = the identity. With the cosine vote
+    the seeds are then the pixels whose x5 has the best cosine matches across the group: the ceiling of any
+    similarity vote on these features (a measuring tool, not part of DCFM)."""
+    if model.dpg is None:
+        raise ValueError("the model has no DPG (dpg=False)")
+    for m in (model.dpg.conv, model.dpg.query, model.dpg.key):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+    C = model.dpg.query.weight.shape[0]
+    model.dpg.query.weight[:, :, 0, 0] = torch.eye(C)
+    model.dpg.key.weight.copy_(model.dpg.query.weight)
+    return model
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #99a9233d
 def tour(profile: str | None = "toy", ckpt=None) -> dict:

@@ -170,8 +170,8 @@ CONFIG = dict(
     common=dict(seed=0, attention="tdm", mix=0.5, noise=0.2, shot=1, test_way=5, test_shot=1, test_queries=16,
                 ckpt_every=100, pretrained=False,   # nothing is pre-trained: `pretrained` is for the CLI contract
                 scale_init=1.0,                     # the logit scale's start (official: 1)
-                channels=64, side=5, signal_channels=4, signal=1.5, nuisance_channels=6, nuisance=3.0,
-                noise_std=1.0,                      # the feature toy's knobs (FeatureEpisodes)
+                channels=64, side=5, signal_channels=4, signal=1.5, nuisance_channels=16, nuisance_kind="lose",
+                nuisance=3.0, noise_std=1.0, amplitude=3.0,   # the feature toy's knobs (FeatureEpisodes; `nuisance`: 'add' only)
                 size=84, width=64, crop=True, split="frn"),   # the image knobs (birds, CUB)
     toy=dict(data="features", backbone="features", way=10, queries=5, steps=400, optimizer="adam", lr=3e-3,
              weight_decay=0.0, n_test=300, augment=False, workers=0, data_root=None),
@@ -231,7 +231,8 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
     seed = (cfg.seed if train else cfg.seed + 1000) if seed is None else seed
     if cfg.data == "features":
         return FeatureEpisodes(n, way, shot, queries, cfg.channels, cfg.side, cfg.signal_channels, cfg.signal,
-                               cfg.nuisance_channels, cfg.nuisance, cfg.noise_std, seed)
+                               cfg.nuisance_channels, cfg.nuisance, cfg.noise_std, seed,
+                               cfg.get("nuisance_kind", "add"), cfg.get("amplitude", 1.0))
     if cfg.data == "birds":
         return BirdEpisodes(n, split="train" if train else "test", way=way, shot=shot, queries=queries,
                             size=cfg.size, seed=seed)
