@@ -8,10 +8,18 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import numpy as np
+import torch
+
+from .backbones import shape_phrase_map
 from .cli import mean_spread, seed_stats
+from .metrics import SaliencyMeter, auroc
+from .toyworld import SHAPES, scribble_of
+
 
 # %% auto #0
-__all__ = ['param_count', 'compare_seeds', 'compare_table', 'per_seed', 'holds_on_all_seeds', 'plot_sweep']
+__all__ = ['param_count', 'compare_seeds', 'compare_table', 'per_seed', 'holds_on_all_seeds', 'plot_sweep',
+           'scribbles_from_masks', 'saliency_scores', 'shape_labels']
 
 # %% ../nbs/90_compare/91_fewshot_cls.ipynb #de5290a4
 def param_count(model) -> int:
@@ -57,3 +65,45 @@ def plot_sweep(ax, sweep: list[dict], knob: str, key: str = "value", title: str 
         ax.errorbar(xs, [s["mean"] for s in st], yerr=[s["spread"] for s in st], marker="o", capsize=3, label=arm)
     ax.set_xlabel(knob); ax.set_ylabel(key); ax.set_title(title); ax.legend(fontsize=8)
     return ax
+
+# %% ../nbs/90_compare/91_fewshot_cls.ipynb #958aecc0
+def scribbles_from_masks(masks: torch.Tensor, seed: int = 0, fg_length: float = 0.1, bg_length: float = 0.45) -> torch.Tensor:
+    """Scribbles [N,H,W] (1 object, 0 background, 255 unlabelled) for binary masks [N,H,W]: one straight object
+    stroke of half-length `fg_length`·size inside the eroded object and two background strokes of `bg_length`
+    (`seglab.toyworld.scribble_of`, as SCWSSOD's toy scenes draw them), with a generator seeded by `seed`."""
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be [N,H,W] binary maps, got shape {tuple(masks.shape)}")
+    rng, out = np.random.default_rng(seed), []
+    for m in masks:
+        fg = m.cpu().numpy() > 0.5
+        s_fg = scribble_of([fg], [1], rng, fg_length)
+        s_bg = scribble_of([~fg, ~fg], [0, 0], rng, bg_length)
+        out.append(torch.from_numpy(np.where(s_fg != 255, s_fg, s_bg).astype(np.int64)))
+    return torch.stack(out)
+
+def saliency_scores(maps, masks, distractors=None) -> dict:
+    """One scorer for every saliency arm, per image then averaged (`seglab.metrics.SaliencyMeter`, maps min-max
+    normalised): `fm` (max F_β, β² = 0.3, of the image-averaged F curve), `mae`, `sm` (Sα); with `distractors`
+    ([N,H,W] masks of a competing object) also `distractor_auroc`, the mean over images of the AUROC of the map for
+    object pixels against distractor pixels (0.5: the map cannot tell them apart)."""
+    meter = SaliencyMeter()
+    for p, y in zip(maps, masks):
+        meter.update(p, y)
+    r = meter.compute()
+    out = dict(fm=r["fm_max"], mae=r["mae"], sm=r["sm"])
+    if distractors is not None:
+        aucs = []
+        for p, y, d in zip(maps, masks, distractors):
+            sel = (y > 0.5) | (d > 0.5)
+            aucs.append(auroc(p[sel], (y > 0.5)[sel]))
+        out["distractor_auroc"] = float(np.nanmean(aucs))
+    return out
+
+def shape_labels(y: torch.Tensor) -> torch.Tensor:
+    """ToyWorld class ids (0..11; 255 kept) -> 0 background (every stuff class) and 1..4 the thing's shape
+    (`seglab.toyworld.SHAPES`): under the shared palette a class is shape + part, so this is the coarsest label
+    space in which every weak-supervision chapter predicts (WeCLIP's toy shape CLIP grounds shapes only)."""
+    ign = y == 255
+    k = shape_phrase_map(y.masked_fill(ign, 0).long())
+    return torch.where(k < len(SHAPES), k + 1, 0).masked_fill(ign, 255)
+
