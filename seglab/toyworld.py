@@ -984,13 +984,19 @@ def grounding_embeddings(dim: int) -> dict[str, np.ndarray]:
 
 class GroundingVideos(ToyDataset):
     """`n` feature videos of `clips` 2-s clips: `video_feats` [T,dim], `query`, `query_tokens`, `windows` [M,2] s,
-    `saliency` [T] (0-4, 0 outside windows), `clip_len`, `duration`, `meta` (with every event)."""
+    `saliency` [T] (0-4, 0 outside windows), `clip_len`, `duration`, `meta` (with every event). `noise` (per-clip
+    noise std; default 0.2 + 0.4·difficulty) and `offset` (std of the per-video background vector; default 0.5) set
+    how much nuisance surrounds the events' word vectors; the defaults give the original videos bit for bit."""
     view = "grounding"
-    def __init__(self, n: int, clips: int = 32, dim: int = 64, seed: int = 0, difficulty: float = 0.5):
+    def __init__(self, n: int, clips: int = 32, dim: int = 64, seed: int = 0, difficulty: float = 0.5,
+                 noise: float | None = None, offset: float = 0.5):
         super().__init__(n, seed)
         if clips < 16:
             raise ValueError(f"clips must be >= 16 so that several events fit, got {clips}")
+        if (noise is not None and noise < 0) or offset < 0:
+            raise ValueError(f"noise and offset are standard deviations (>= 0), got noise={noise!r}, offset={offset!r}")
         self.clips, self.dim, self.difficulty = clips, dim, _check_difficulty(difficulty)
+        self.noise, self.offset = noise, offset   # per-clip noise std (None: 0.2 + 0.4·difficulty), per-video vector std
     def _event(self, rng, target=None):
         words = [str(rng.choice(GROUNDING_VERBS)), str(rng.choice(COLOURS)), str(rng.choice(SHAPES))]
         if target is not None:  # a distractor: differs from the target in one word (hard) or at random
@@ -1006,7 +1012,8 @@ class GroundingVideos(ToyDataset):
         events = [events[j] for j in rng.permutation(len(events))]
         lengths = rng.integers(2, max(3, T // 6) + 1, len(events))
         gaps = rng.multinomial(T - lengths.sum(), np.ones(len(events) + 1) / (len(events) + 1))
-        feats = 0.5 * rng.standard_normal(self.dim).astype(np.float32) + (0.2 + 0.4 * self.difficulty) * \
+        noise = (0.2 + 0.4 * self.difficulty) if self.noise is None else self.noise
+        feats = self.offset * rng.standard_normal(self.dim).astype(np.float32) + noise * \
             rng.standard_normal((T, self.dim), dtype=np.float32)
         saliency, windows, spans, t = np.zeros(T, np.float32), [], [], int(gaps[0])
         for ev, L, gap in zip(events, lengths, gaps[1:]):

@@ -149,6 +149,30 @@ def test_toy_split_keeps_each_query_with_its_video():
     assert torch.equal(batch["words"], sp["words"][idx]) and torch.equal(batch["video"], sp["video"][idx])
 
 
+def test_toy_split_uses_the_configured_nuisance():
+    "The toy config's `noise`/`offset` reach GroundingVideos (catches a split that silently keeps ToyWorld's defaults)."
+    from seglab.toyworld import GroundingVideos
+    cfg = tiny()
+    assert (cfg.noise, cfg.offset) == (0.2, 0.0)
+    for over, kw in ((dict(), dict(noise=0.2, offset=0.0)), (dict(noise=None, offset=0.5), dict())):
+        sp = cg.toy_split(cfg.replace(**over), 3, 7)
+        ref = GroundingVideos(3, clips=cfg.clips, dim=cfg.video_dim, seed=7, difficulty=cfg.difficulty, **kw)
+        assert all(torch.equal(sp["video"][i], ref[i]["video_feats"]) for i in range(3))
+
+
+def test_engagement_report_separates_one_word_off_distractors():
+    "e on one-word-off and on other distractor clips, read from the events (catches a wrong word comparison)."
+    q = "a person kicks the red disk"
+    split = dict(saliency=torch.tensor([[0, 4, 4, 0, 0, 0, 0, 0.]]), vmask=torch.ones(1, 8, dtype=torch.bool),
+                 gt=[dict(query=q)],
+                 events=[[("kicks red disk", 2.0, 6.0), ("kicks red ring", 6.0, 10.0), ("drops blue ring", 10.0, 14.0)]])
+    e = torch.tensor([[0.0, 0.6, 0.6, 0.4, 0.4, 0.1, 0.1, 0.0]])
+    r = cg.engagement_report(dict(e=e, S=e), split)
+    assert r["e_target"] == pytest.approx(0.6) and r["e_one_word_off"] == pytest.approx(0.4)
+    assert r["e_other_distractor"] == pytest.approx(0.1) and r["e_distractor"] == pytest.approx(0.25)
+    assert r["e_gap"] == pytest.approx(0.35) and r["e_background"] == pytest.approx(0.0)
+
+
 def test_bad_data_name_names_the_fix():
     with pytest.raises(ValueError, match="'toy' or 'qvhighlights'"):
         cg.make_data(tiny(data="tvsum"))

@@ -397,8 +397,10 @@ def orthogonal_loss(x: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #1c8647c8
 def toy_split(cfg, n: int, seed: int) -> dict:
-    "A ToyWorld grounding split: `n` `GroundingVideos` of `cfg.clips` clips (features `cfg.video_dim`-d), as tensors."
-    ds = GroundingVideos(n, clips=cfg.clips, dim=cfg.video_dim, seed=seed, difficulty=cfg.difficulty)
+    """A ToyWorld grounding split: `n` `GroundingVideos` of `cfg.clips` clips (features `cfg.video_dim`-d; nuisance
+    `cfg.noise`, `cfg.offset`), as tensors."""
+    ds = GroundingVideos(n, clips=cfg.clips, dim=cfg.video_dim, seed=seed, difficulty=cfg.difficulty,
+                         noise=cfg.noise, offset=cfg.offset)
     items = [ds[i] for i in range(n)]
     words = nn.utils.rnn.pad_sequence([it["query_tokens"] for it in items], batch_first=True)
     sal = torch.stack([it["saliency"] for it in items])
@@ -658,19 +660,22 @@ def chance_predictions(split: dict, seed: int = 0, k: int = 10) -> list:
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #4c36d02e
 def engagement_report(out: dict, split: dict) -> dict:
-    "Mean e on target / distractor / background clips, e gap (target − distractor), AUROCs of e and S for target clips."
+    "Mean e on target / distractor (one word off, other) / background clips, e gap (target − distractor), AUROCs."
     e, S = out["e"], out["S"]
     target = (split["saliency"] > 0) & split["vmask"]
-    distractor = torch.zeros_like(target)
+    distractor, one_off = torch.zeros_like(target), torch.zeros_like(target)
     for i, (evs, g) in enumerate(zip(split["events"], split["gt"])):
         words = g["query"].split()
-        q = f"{words[2]} {words[4]} {words[5]}"                   # "a person <verb> the <colour> <shape>"
+        q = (words[2], words[4], words[5])                        # "a person <verb> the <colour> <shape>"
         for text, s, t in evs:
-            if text != q:
+            if tuple(text.split()) != q:
                 distractor[i, int(s / CLIP_LEN):int(t / CLIP_LEN)] = True
+                if sum(a == b for a, b in zip(text.split(), q)) == 2:
+                    one_off[i, int(s / CLIP_LEN):int(t / CLIP_LEN)] = True
     background = split["vmask"] & ~target & ~distractor
     both = target | distractor
     return dict(e_target=float(e[target].mean()), e_distractor=float(e[distractor].mean()),
+                e_one_word_off=float(e[one_off].mean()), e_other_distractor=float(e[distractor & ~one_off].mean()),
                 e_background=float(e[background].mean()), e_gap=float(e[target].mean() - e[distractor].mean()),
                 dummy_mass_off_target=float(1 - e[split["vmask"] & ~target].mean()),
                 auroc_e=auroc(e[split["vmask"]], target[split["vmask"]]), auroc_e_vs_distractor=auroc(e[both], target[both]),
@@ -684,10 +689,12 @@ CONFIG = dict(
                 eval_split="val", ckpt_every=100),
     toy=dict(data="toy", root=None, d=32, heads=4, ff=64, dropout=0.0, input_dropout=0.1, dummy_layers=1, t2v_layers=1,
              enc_layers=2, dec_layers=2, vocab=len(GROUNDING_VOCAB), word_dim=32, video_dim=64, clips=32, max_q=8,
-             difficulty=0.5, n_train=1024, n_val=256, batch=16, steps=200, lr=2e-3, log_every=10),
+             difficulty=0.5, noise=0.2, offset=0.0, n_train=1024, n_val=256, batch=16, steps=200, lr=2e-3,
+             log_every=10),
     full=dict(data="qvhighlights", root=None, d=256, heads=8, ff=1024, dropout=0.1, input_dropout=0.5, dummy_layers=2,
               t2v_layers=2, enc_layers=3, dec_layers=3, vocab=0, word_dim=512, video_dim=512, clips=75, max_q=32,
-              difficulty=None, n_train=None, n_val=None, batch=32, steps=3400, lr=1e-4, log_every=50),
+              difficulty=None, noise=None, offset=None, n_train=None, n_val=None, batch=32, steps=3400, lr=1e-4,
+              log_every=50),
 )
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #9dd2b8da
