@@ -124,6 +124,60 @@ def test_dense_annotator_of_clip_shape_localises_the_classes():
         sds.clip_pass(clip, text, K, pool["image"][:2], pool["mask"][:2], cfg.replace(annotator="crf"))
 
 
+def test_corrupt_mask_kinds():
+    """Each mask corruption does what its name says: 'shift' rolls the mask, 'phantom' writes a donor's thing classes
+    on stuff pixels only, 'grow' / 'shrink' add / remove thing pixels; bad kinds and a missing donor are errors."""
+    m = torch.zeros(32, 32, dtype=torch.long)
+    m[8:20, 8:20] = 5                                                   # a thing (class 5) on stuff 0
+    donor = torch.ones(32, 32, dtype=torch.long)
+    donor[14:26, 14:26] = 9
+    g = torch.Generator().manual_seed(0)
+    sh = sds.corrupt_mask(m, "shift", g)
+    assert (sh == 5).sum() == (m == 5).sum() and not torch.equal(sh, m)
+    ph = sds.corrupt_mask(m, "phantom", g, donor)
+    assert torch.equal(ph[m == 5], m[m == 5])                          # the drawn object keeps its label
+    assert ((ph == 9) == ((donor == 9) & (m < 4))).all()               # the phantom only where this mask had stuff
+    assert (sds.corrupt_mask(m, "grow", g) == 5).sum() > (m == 5).sum()
+    assert 0 < (sds.corrupt_mask(m, "shrink", g) == 5).sum() < (m == 5).sum()
+    with pytest.raises(ValueError, match="donor"):
+        sds.corrupt_mask(m, "phantom", g)
+    with pytest.raises(ValueError, match="unknown mask corruption"):
+        sds.corrupt_mask(m, "swap", g)
+
+
+def test_toy_pool_label_kinds():
+    """`label_kinds=None` is SyntheticPairs' own pool (bit-identical); a tuple of kinds keeps the same images, flags
+    exactly the pairs whose mask differs from the clean one, and uses only the given kinds."""
+    cfg = tiny(n_pool=40)
+    ds = SyntheticPairs(40, cfg.size, cfg.seed, cfg.difficulty, cfg.image_noise, cfg.label_noise)
+    ref = collate([ds[i] for i in range(40)])
+    pool = sds.toy_pool(cfg)
+    assert torch.equal(pool["mask"], ref["mask"]) and torch.equal(pool["image"], ref["image"])
+    dd = sds.toy_pool(cfg.replace(label_kinds=sds.DD_LABEL_CORRUPTIONS))
+    clean = collate([SyntheticPairs(40, cfg.size, cfg.seed, cfg.difficulty, cfg.image_noise, 0.0)[i] for i in range(40)])
+    assert torch.equal(dd["image"], pool["image"]) and torch.equal(dd["image_corrupted"], pool["image_corrupted"])
+    differs = (dd["mask"] != clean["mask"]).flatten(1).any(1)
+    assert torch.equal(differs, dd["annotation_wrong"]) and 6 <= int(differs.sum()) <= 12     # round(0.3 * 40) drawn
+    kinds = {k for ks, w in zip(dd["kind"], dd["annotation_wrong"]) if w for k in ks if k in ("shift", "phantom", "swap", "drop")}
+    assert kinds == {"shift", "phantom"}
+    assert torch.equal(dd["labels"], torch.zeros_like(dd["labels"]).scatter_(1, dd["mask"].flatten(1), 1.0))
+
+
+def test_dense_crf_annotator_sharpens_the_map():
+    """annotator='dense_crf' (the paper's DenseCRF post-processing of CLIP's map) labels only background and K(I) and
+    agrees with clean masks better than the raw dense map (pooled ASF IoU)."""
+    cfg = tiny(n_pool=32, clip_batch=32, image_noise=0.0, label_noise=0.0)
+    clip, text, K = sds.frozen_clip(cfg)
+    pool = sds.toy_pool(cfg)
+    y = sds.fg_mask(pool["mask"], cfg)
+    lab = sds.class_labels(y, K)
+    raw = sds.dense_annotation(clip, text, lab, pool["image"], cfg)
+    crf = sds.dense_annotation(clip, text, lab, pool["image"], cfg.replace(annotator="dense_crf"))
+    assert crf.shape == y.shape
+    assert all(lab[b, k - 1] for b in range(len(y)) for k in crf[b].unique().tolist() if k)      # only K(I)
+    assert sds.asf_score(y, crf).nanmean() > sds.asf_score(y, raw).nanmean() + 0.03
+
+
 def test_select_baselines_sizes_and_oracle():
     cfg = tiny()
     pool = sds.toy_pool(cfg)

@@ -18,6 +18,7 @@ from ..cache import feature_cache
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label, class_scores,
                         clip_vit_forward, grad_cam, mean_attention, prompt_classifier, refine_cam, sinkhorn_transition,
                         to_fg_bg)
+from ..crf import dense_crf
 from ..config import get_device, pick, seed_everything
 from ..data.datasets import VOCSegmentation, dataset_root, read_image, read_label, require
 from ..engine import amp_setup, fit, tensor_batches
@@ -25,16 +26,17 @@ from ..metrics import ConfusionMatrix
 from ..toyworld import NUM_CLASSES, NUM_STUFF, STUFF, THING_ATTRS, THINGS, SyntheticPairs, TinyFCN, chance_miou, collate
 
 # %% auto #0
-__all__ = ['CONFIG', 'toy_pool', 'clean_val', 'frozen_clip', 'fg_mask', 'class_labels', 'shuffle_tiles', 'permute_channels',
-           'entropy', 'perturb', 'pcs_score', 'clip_annotation', 'dense_annotation', 'clip_pass', 'cached_clip_pass',
-           'asf_score', 'class_count', 'top_per_group', 'sds_select', 'random_subset', 'selection_quality',
-           'build_model', 'normalize_imagenet', 'train_step', 'select', 'train', 'small_loss_select', 'evaluate',
-           'compare', 'tour', 'bench_case', 'SyntheticFolder', 'real_pool', 'real_val']
+__all__ = ['CONFIG', 'DD_LABEL_CORRUPTIONS', 'corrupt_mask', 'toy_pool', 'clean_val', 'frozen_clip', 'fg_mask', 'class_labels',
+           'shuffle_tiles', 'permute_channels', 'entropy', 'perturb', 'pcs_score', 'clip_annotation',
+           'dense_annotation', 'clip_pass', 'cached_clip_pass', 'asf_score', 'class_count', 'top_per_group',
+           'sds_select', 'random_subset', 'selection_quality', 'build_model', 'normalize_imagenet', 'train_step',
+           'select', 'train', 'small_loss_select', 'evaluate', 'compare', 'tour', 'bench_case', 'SyntheticFolder',
+           'real_pool', 'real_val']
 
 # %% ../../nbs/20_weak/24_sds.ipynb #983a1798
 CONFIG = dict(
     common=dict(seed=0, perturb="tiles", grid=4, box_thresh=0.4, conf=0.6, keep=0.5,
-                weight_decay=1e-4),
+                weight_decay=1e-4, label_kinds=None),
     toy=dict(backbone="toy", clip="toy_shape", annotator="dense", dense_margin=0.0, size=64, n_pool=160, n_val=128, difficulty=0.3, image_noise=0.3, label_noise=0.3,
              logit_scale=30.0, tau=0.001, cam_layers=(1, 2, 3), clip_size=64, val_root=None, clip_batch=80,
              width=16, batch=16, steps=150, lr=3e-3,
@@ -45,15 +47,57 @@ CONFIG = dict(
               num_classes=21, data_root=None, val_root=None, pretrained="openai", amp=True),
 )
 
+DD_LABEL_CORRUPTIONS = ("shift", "phantom")   # the mask errors of cross-attention masks that ASF is built for
+
+def corrupt_mask(mask: torch.Tensor, kind: str, g: torch.Generator, donor: torch.Tensor | None = None) -> torch.Tensor:
+    """A wrong copy of a ToyWorld class mask `[H,W]` (stuff 0-3, things 4-11), with the errors of masks read from a
+    generator's cross-attention: 'shift' (the whole mask moved by 6-12 px: mis-localised), 'phantom' (the thing pixels
+    of `donor`, another pair's mask, stamped onto this mask's stuff: an object the prompt named and the generator did
+    not draw), 'grow' / 'shrink' (every thing dilated into the stuff / eroded to the main stuff class by 3-5 px:
+    over- and under-segmentation)."""
+    thing = mask >= NUM_STUFF
+    if kind == "shift":
+        dy, dx = (torch.randint(6, 13, (2,), generator=g) * (torch.randint(0, 2, (2,), generator=g) * 2 - 1)).tolist()
+        return torch.roll(mask, (dy, dx), (0, 1))
+    if kind == "phantom":
+        if donor is None:
+            raise ValueError("corrupt_mask: 'phantom' needs a donor mask (another pair's)")
+        return torch.where((donor >= NUM_STUFF) & ~thing, donor, mask)
+    if kind in ("grow", "shrink"):
+        r = int(torch.randint(3, 6, (1,), generator=g))
+        if kind == "grow":
+            big = F.max_pool2d(torch.where(thing, mask, 0).float()[None, None], 2 * r + 1, 1, r)[0, 0].long()
+            return torch.where(~thing & (big > 0), big, mask)
+        core = -F.max_pool2d(-thing.float()[None, None], 2 * r + 1, 1, r)[0, 0] > 0
+        main = int(torch.bincount(mask[~thing], minlength=NUM_STUFF)[:NUM_STUFF].argmax()) if (~thing).any() else 0
+        return torch.where(thing & ~core, main, mask)
+    raise ValueError(f"unknown mask corruption {kind!r}; valid: shift, phantom, grow, shrink")
+
 def toy_pool(cfg, seed: int | None = None) -> dict:
     """The synthetic pool: `cfg.n_pool` ToyWorld `SyntheticPairs` (`image`, `mask` over ToyWorld's 12 classes,
     `labels`), with the truth a real pool never has: `image_corrupted`, `annotation_wrong` (bool [N]) and `kind`
-    (the corruption names per pair)."""
+    (the corruption names per pair). `cfg.label_kinds` None: `SyntheticPairs`' own wrong masks (shift, swap, drop);
+    a tuple of `corrupt_mask` kinds (e.g. `DD_LABEL_CORRUPTIONS`): the same images, and `round(label_noise·N)` pairs
+    drawn (seeded) get one of these kinds, in equal shares (a draw that leaves the mask unchanged stays unflagged)."""
     seed = cfg.seed if seed is None else seed
-    ds = SyntheticPairs(cfg.n_pool, cfg.size, seed, cfg.difficulty, cfg.image_noise, cfg.label_noise)
+    kinds = cfg.get("label_kinds")
+    ds = SyntheticPairs(cfg.n_pool, cfg.size, seed, cfg.difficulty, cfg.image_noise, cfg.label_noise if kinds is None else 0.0)
     d = collate([ds[i] for i in range(len(ds))])
-    return dict(image=d["image"], mask=d["mask"], labels=d["labels"], image_corrupted=torch.from_numpy(ds.image_corrupted),
+    pool = dict(image=d["image"], mask=d["mask"], labels=d["labels"], image_corrupted=torch.from_numpy(ds.image_corrupted),
                 annotation_wrong=torch.from_numpy(ds.annotation_wrong), kind=[m["corruptions"] for m in d["meta"]])
+    if kinds is None:
+        return pool
+    n, g = len(ds), torch.Generator().manual_seed(2025 + seed)
+    mask, wrong, kind = pool["mask"].clone(), torch.zeros(n, dtype=torch.bool), [list(k) for k in pool["kind"]]
+    for i in torch.randperm(n, generator=g)[:round(cfg.label_noise * n)].tolist():
+        k = kinds[int(torch.randint(len(kinds), (1,), generator=g))]
+        donor = pool["mask"][(i + 1 + int(torch.randint(n - 1, (1,), generator=g))) % n]
+        mask[i] = corrupt_mask(pool["mask"][i], k, g, donor)
+        if not torch.equal(mask[i], pool["mask"][i]):
+            wrong[i] = True
+            kind[i].append(k)
+    labels = torch.zeros_like(pool["labels"]).scatter_(1, mask.flatten(1), 1.0)
+    return dict(pool, mask=mask, labels=labels, annotation_wrong=wrong, kind=kind)
 
 def clean_val(cfg, seed: int | None = None) -> dict:
     "Clean ToyWorld pairs (no corruption) from another seed: the segmenter's validation set."
@@ -148,27 +192,36 @@ def dense_annotation(clip, text: torch.Tensor, labels: torch.Tensor, images: tor
     """CLIP's own mask Ŷ `[B,H,W]` from the dense patch-text similarity (what `clip_shape` is trained for): the cosine
     of every patch embedding with the K class texts of K(I) and the W background words, upsampled bilinearly to the
     image; a pixel takes its most similar class of K(I) when that beats the best background word by more than
-    `cfg.dense_margin`, else background (0)."""
+    `cfg.dense_margin`, else background (0). `cfg.annotator="dense_crf"`: the paper's post-processing instead, DenseCRF
+    (CLIP-ES's settings, `seglab.crf` "stego", window approximation) on [1 - max_k m_k; m_k], m_k the min-max map of
+    class k of K(I) minus the best background word, then argmax over background and K(I) (no 0.95-confidence 255)."""
     with torch.no_grad():
         patch = F.normalize(clip_features(clip, images)["patch"], dim=1)
         sim = torch.einsum("behw,ke->bkhw", patch, F.normalize(text, dim=-1))
         sim = F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)
         K = labels.shape[1]
+        if cfg.annotator == "dense_crf":
+            m = sim[:, :K] - sim[:, K:].amax(1, keepdim=True)
+            lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
+            m = (m - lo) / (hi - lo).clamp_min(1e-6) * labels[:, :, None, None]
+            q = dense_crf(torch.cat([1 - m.amax(1, keepdim=True), m], 1), images, "stego", method="window")
+            return (q * torch.cat([torch.ones_like(labels[:, :1]), labels], 1)[:, :, None, None]).argmax(1)
         best, arg = sim[:, :K].masked_fill(~labels.bool()[:, :, None, None], float("-inf")).max(1)
         return torch.where(best - sim[:, K:].amax(1) > cfg.dense_margin, arg + 1, 0)
 
 def clip_pass(clip, text, K: int, images: torch.Tensor, masks: torch.Tensor, cfg) -> dict:
     """The whole training-free pass over a pool: per pair the PCS scores (`d`, `H`, `H_pert`) and CLIP's mask `clip_mask`
-    (at the image size; `cfg.annotator`: "cam" = `clip_annotation`, "dense" = `dense_annotation`), in batches of
+    (at the image size; `cfg.annotator`: "cam" = `clip_annotation`, "dense" or "dense_crf" = `dense_annotation`), in batches of
     `cfg.clip_batch`; Π is seeded by `cfg.seed`."""
-    if cfg.annotator not in ("cam", "dense"):
-        raise ValueError(f"annotator must be 'cam' (CLIP-ES Grad-CAM) or 'dense' (patch-text similarity), got {cfg.annotator!r}")
+    if cfg.annotator not in ("cam", "dense", "dense_crf"):
+        raise ValueError(f"annotator must be 'cam' (CLIP-ES Grad-CAM), 'dense' (patch-text similarity) or 'dense_crf' "
+                         f"(the same with DenseCRF), got {cfg.annotator!r}")
     g = torch.Generator().manual_seed(cfg.seed)
     parts = []
     for k in range(0, len(images), cfg.clip_batch):
         img, y = images[k:k + cfg.clip_batch], fg_mask(masks[k:k + cfg.clip_batch], cfg)
         labels = class_labels(y, K)
-        if cfg.annotator == "dense":
+        if cfg.annotator in ("dense", "dense_crf"):
             pcs = pcs_score(clip, text, img, labels, cfg, g)
             y_hat = dense_annotation(clip, text, labels, img, cfg)
         else:
