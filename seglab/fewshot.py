@@ -19,13 +19,13 @@ from .cache import feature_cache
 from .data.datasets import FewShotSegEpisodes, binary_target, resize_image, resize_mask
 from .engine import derive_seed, loader_factory
 from .metrics import FewShotIoU
-from .toyworld import collate
+from .toyworld import FOLDS, collate
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'SUPPORT_KEYS', 'resize_input', 'FrozenReader', 'FrozenEncoder', 'FrozenViTEncoder', 'feature_mask',
            'build_encoder', 'episode_features', 'image_bank', 'bank_episodes', 'feature_batches',
            'cached_feature_batches', 'train_augment', 'ImageDrivenEpisodes', 'epoch_loader', 'fb_iou', 'swap_supports',
-           'swap_check', 'matching_probe']
+           'swap_check', 'matching_probe', 'fold_class_ids', 'random_episode_batch']
 
 # %% ../nbs/00_foundations/08_fewshot.ipynb #3c523842
 def resize_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -323,3 +323,21 @@ def matching_probe(batches: list[dict], class_ids, thr: float = 0.85) -> float:
             s = F.interpolate(((c - lo) / (hi - lo + 1e-6))[:, None], size=b["query_mask"].shape[-2:], mode="bilinear")
             meter.update((s[:, 0] >= thr).long(), b["query_mask"], b["class_id"])
     return meter.compute()["miou"]
+
+# %% ../nbs/00_foundations/08_fewshot.ipynb #50d08898
+def fold_class_ids(cfg) -> list[int]:
+    """The held-out (test) class ids of `cfg.fold`: ToyWorld's `FOLDS` (`cfg.benchmark == 'toyworld'`), or the 5 / 20
+    classes of PASCAL-5i / COCO-20i (1-based VOC / COCO labels)."""
+    if cfg.benchmark == "toyworld":
+        return FOLDS[cfg.fold]
+    from seglab.data.datasets import fold_classes
+    return fold_classes(cfg.benchmark, cfg.fold, "test")
+
+def random_episode_batch(batch: int, size: int, generator: torch.Generator, p: float = 0.3) -> dict:
+    """A synthetic batch of `batch` 1-shot episodes at `size` px: uniform [0,1] `query_image` [B,3,S,S] and
+    `support_images` [B,1,3,S,S], and random binary `query_mask` [B,S,S] / `support_masks` [B,1,S,S] (foreground with
+    probability `p`), drawn in that order from `generator`."""
+    B, S, g = batch, size, generator
+    return dict(query_image=torch.rand(B, 3, S, S, generator=g), support_images=torch.rand(B, 1, 3, S, S, generator=g),
+                query_mask=(torch.rand(B, S, S, generator=g) < p).long(),
+                support_masks=(torch.rand(B, 1, S, S, generator=g) < p).long())

@@ -17,3 +17,21 @@ class StopAt:
 
     def close(self):
         pass
+
+
+def assert_resumes_exactly(train, ckpt, stop: int = 3, state=lambda model: model.state_dict()):
+    """`train(callbacks=..., ckpt=...) -> (model, history)` run uninterrupted, then interrupted by `StopAt(stop)` with
+    checkpoints at `ckpt`, then resumed from it: the resumed model's `state(model)` (default: the state dict, buffers
+    included) equals the uninterrupted one's, key for key. Returns `(reference model, resumed model, resumed history)`."""
+    import pytest
+    import torch
+    ref, _ = train()
+    with pytest.raises(Stop):
+        train(callbacks=[StopAt(stop)], ckpt=ckpt)
+    assert ckpt.exists()                                               # saved before `stop`
+    resumed, hist = train(ckpt=ckpt)
+    a, b = state(ref), state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return ref, resumed, hist

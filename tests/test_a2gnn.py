@@ -11,6 +11,7 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import a2gnn
 
+from _helpers import count_calls
 from interrupt import Stop, StopAt
 
 VOC = sample_data_dir() / "voc_samples"
@@ -109,9 +110,7 @@ def test_consistency_check_fires_only_when_centred():
 def test_node_features_go_through_the_feature_cache(tmp_path, monkeypatch):
     "graph_inputs computes the frozen node features once per (backbone weights, scale, images), then reads the cache."
     monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
-    calls = []
-    real = a2gnn.node_features
-    monkeypatch.setattr(a2gnn, "node_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, _ = count_calls(monkeypatch, a2gnn, "node_features")
     cfg = tiny(n_train=2)
     data = a2gnn.make_data(cfg)
     g1 = a2gnn.graph_inputs(cfg, data)

@@ -1,17 +1,17 @@
 """The `seglab` command as a user runs it: a subprocess, exit codes, one clear line for mistakes."""
 import importlib.util
 import os
-import signal
 import subprocess
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import seglab
+
+from _helpers import sigkill_after_checkpoint
 
 # the console script installed next to this interpreter (pip install -e .)
 SEGLAB = str(Path(sys.executable).with_name("seglab")) if Path(sys.executable).with_name("seglab").exists() \
@@ -122,15 +122,7 @@ def test_train_resumes_after_kill_9_to_the_uninterrupted_weights(tmp_path):
     env = {**os.environ, "SEGLAB_PROFILE": "toy", "SEGLAB_CACHE": str(cache)}
     proc = subprocess.Popen([SEGLAB, "train", "toyworld"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert ckpt.exists() and proc.poll() is None, "the run ended or never checkpointed before the kill"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint(proc, ckpt, timeout=600, poll=0.02, wait=60)
     killed_at = load_checkpoint(ckpt)["step"]
     assert 0 < killed_at < steps
 

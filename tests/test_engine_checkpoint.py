@@ -18,6 +18,8 @@ from torch import nn
 from seglab.engine import CheckpointError, NonFiniteLoss, fit, load_checkpoint, save_checkpoint
 from seglab.toyworld import TinyFCN, make_scenes
 
+from _helpers import nan_loss_at
+
 FLIPS = 300
 
 
@@ -154,15 +156,6 @@ def _nan_gradient_at(call):
     return step
 
 
-def _nan_loss_at(call):
-    calls = [0]
-    def step(model, batch):
-        calls[0] += 1
-        loss = F.mse_loss(model(batch[0]), batch[1])
-        return loss * float("nan") if calls[0] == call else loss
-    return step
-
-
 @pytest.mark.parametrize("log_every", [1, 5])
 def test_finite_loss_with_nan_gradient_is_never_saved(tmp_path, log_every):
     message = _run(_nan_gradient_at(3), tmp_path, ckpt_every=1, log_every=log_every)
@@ -173,14 +166,14 @@ def test_finite_loss_with_nan_gradient_is_never_saved(tmp_path, log_every):
 
 @pytest.mark.parametrize("log_every", [1, 5])
 def test_nan_loss_names_a_checkpoint_that_exists(tmp_path, log_every):
-    message = _run(_nan_loss_at(3), tmp_path, ckpt_every=2, log_every=log_every)
+    message = _run(nan_loss_at(3), tmp_path, ckpt_every=2, log_every=log_every)
     assert "step 3" in message and f"{tmp_path / 'run.pt'} (step 2)" in message
     state = load_checkpoint(tmp_path / "run.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
-    message = _run(_nan_loss_at(2), tmp_path, ckpt_every=5)
+    message = _run(nan_loss_at(2), tmp_path, ckpt_every=5)
     assert "No checkpoint" in message and "last good checkpoint" not in message
     assert not (tmp_path / "run.pt").exists()
 

@@ -7,10 +7,8 @@ subprocess. The data are shuffled per epoch and augmented with torch's global ge
 BatchNorm, so any RNG or data-order mistake shows up as a weight difference.
 """
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seglab.engine import (History, ModelEMA, fit, load_checkpoint, loader_factory, lr_schedule)
+
+from _helpers import sigkill_after_checkpoint
 
 STEPS, ACCUM, CKPT_EVERY = 12, 2, 4
 
@@ -176,15 +176,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, references):
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     ckpt = tmp_path / "killed.pt"
     proc = subprocess.Popen([sys.executable, str(script), str(ckpt), "slow"], env=env)
-    try:
-        deadline = time.time() + 120
-        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert ckpt.exists() and proc.poll() is None, "the run ended or never checkpointed before the kill"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint(proc, ckpt, timeout=120, poll=0.05, wait=30)
     assert load_checkpoint(ckpt)["step"] < STEPS
     subprocess.run([sys.executable, str(script), str(ckpt), "fast"], env=env, check=True, timeout=240)
     assert_same(torch.load(f"{ckpt}.final", weights_only=True), references["factory"]["model"])

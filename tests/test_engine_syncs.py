@@ -8,6 +8,8 @@ from torch import nn
 
 from seglab.engine import ModelEMA, NonFiniteLoss, fit, load_checkpoint
 
+from _helpers import nan_loss_at
+
 READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 Y = (X.sum(1) > 0).long()
@@ -55,20 +57,14 @@ def test_no_host_reads_outside_log_steps(reads, accum, clip, ema, tmp_path):
 
 def test_lazy_check_still_stops_and_saves_nothing_bad(tmp_path):
     "With log_every=5 a NaN at step 3 is read at the checkpoint of step 4: the run stops, step 2's file stays."
-    calls = [0]
-    def step(net, batch):
-        calls[0] += 1
-        loss = F.cross_entropy(net(batch[0]), batch[1])
-        return loss * float("nan") if calls[0] == 3 else loss
     torch.manual_seed(0)
     model = nn.Linear(6, 2)
     with pytest.raises(NonFiniteLoss, match="step 3") as info:
-        fit(model, step, BATCHES, torch.optim.SGD(model.parameters(), lr=0.1), steps=20, log_every=5,
-            ckpt=tmp_path / "run.pt", ckpt_every=2, device="cpu")
+        fit(model, nan_loss_at(3, F.cross_entropy), BATCHES, torch.optim.SGD(model.parameters(), lr=0.1), steps=20,
+            log_every=5, ckpt=tmp_path / "run.pt", ckpt_every=2, device="cpu")
     assert f"{tmp_path / 'run.pt'} (step 2)" in str(info.value)
     state = load_checkpoint(tmp_path / "run.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     with pytest.raises(NonFiniteLoss, match="step 3"):  # and without any checkpoint, at the next log step
-        calls[0] = 0
-        fit(nn.Linear(6, 2), step, BATCHES, torch.optim.SGD(model.parameters(), lr=0.1), steps=20, log_every=5,
-            device="cpu")
+        fit(nn.Linear(6, 2), nan_loss_at(3, F.cross_entropy), BATCHES, torch.optim.SGD(model.parameters(), lr=0.1),
+            steps=20, log_every=5, device="cpu")

@@ -19,6 +19,10 @@ from seglab.config import pick
 from seglab.data.datasets import YOLOSegmentation, sample_data_dir
 from seglab.methods import hp
 
+from _helpers import (assert_labels_reach_only_the_probe, assert_prepare_cached, assert_tour_contract,
+                      count_calls)
+from interrupt import assert_resumes_exactly
+
 COCO128 = sample_data_dir() / "coco128_seg"
 
 
@@ -94,31 +98,12 @@ def small_cfg(**kw):
                                                     feat_batch=8, n_init=2, ckpt_every=2), **kw})
 
 
-class StopAt:
-    "A callback that interrupts the run after optimizer step `n`."
-    def __init__(self, n):
-        self.n = n
-    def update(self, step, **kw):
-        if step >= self.n:
-            raise KeyboardInterrupt
-    def close(self):
-        pass
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     "Interrupted after step 3 (last checkpoint: step 2), then resumed: the same weights, EMA head and pools."
     cfg, data = small_cfg(), synthetic_data()
-    ref, _ = hp.train(cfg, data)
-    ckpt = tmp_path / "hp.pt"
-    with pytest.raises(KeyboardInterrupt):
-        hp.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    res, hist = hp.train(cfg, data, ckpt=ckpt)
+    ref, res, hist = assert_resumes_exactly(lambda **kw: hp.train(cfg, data, **kw), tmp_path / "hp.pt")
     assert int(res.steps_done) == 6 and hist.records[-1]["step"] == 6
-    a, b = ref.state_dict(), res.state_dict()
-    assert a.keys() == b.keys() and any(k.startswith("ema_head.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert any(k.startswith("ema_head.") for k in ref.state_dict())
 
 
 def test_train_and_tour_take_ckpt():
@@ -133,7 +118,8 @@ def test_tour_reports_the_strongest_baseline(monkeypatch):
                                                renew_interval=2, warmup=1, feat_batch=8))
     monkeypatch.setitem(hp.CONFIG, "common", dict(hp.CONFIG["common"], n_init=2))
     out = hp.tour("toy")
-    assert out["baseline"] == max(out["kmeans"], out["untrained"]) and 0 <= out["baseline"] <= 1
+    assert_tour_contract(out)
+    assert out["baseline"] == max(out["kmeans"], out["untrained"])
     assert out["baseline_name"] == ("untrained head + k-means" if out["untrained"] > out["kmeans"]
                                     else "k-means on the frozen features")
 
@@ -207,33 +193,16 @@ def test_labels_never_reach_the_head():
     """The linear probe trains on the detached head output: with the labels shuffled between images, the head, the
     projection, the EMA head and the cluster probe end bit-identical (only the linear probe differs). Fails when the
     probe's loss is not detached (labels would leak into the unsupervised head)."""
-    cfg, data = small_cfg(steps=4), synthetic_data()
-    shuffled = {**data, "train": {**data["train"], "mask": data["train"]["mask"].flip(0).roll(3, dims=-1)}}
-    a, _ = hp.train(cfg, data)
-    b, _ = hp.train(cfg, shuffled)
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        if not k.startswith("linear_probe."):
-            assert torch.equal(sa[k], sb[k]), k
-    assert not torch.equal(sa["linear_probe.weight"], sb["linear_probe.weight"])
+    cfg = small_cfg(steps=4)
+    assert_labels_reach_only_the_probe(lambda d: hp.train(cfg, d), synthetic_data())
 
 
 def test_prepare_data_second_call_reads_the_feature_cache(tmp_path, monkeypatch):
     """The frozen features come from `seglab.cache.feature_cache`: a second `prepare_data` with the same backbone and
     images does not run the backbone and returns the same tensors; other weights are a different entry."""
-    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
-    calls = []
-    real = hp.backbone_features
-    monkeypatch.setattr(hp, "backbone_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = pick(hp.CONFIG, "toy").replace(n_train=6, n_val=3, feat_batch=4)
-    first = hp.prepare_data(cfg)
-    assert len(calls) == 2 and len(list((tmp_path / "features").glob("hp-*.pt"))) == 2
-    second = hp.prepare_data(cfg)
-    assert len(calls) == 2  # the backbone did not run again
-    for split in ("train", "val"):
-        assert first[split].keys() == second[split].keys()
-        for k in first[split]:
-            assert torch.equal(first[split][k], second[split][k]), (split, k)
+    first, calls, real = assert_prepare_cached(monkeypatch, tmp_path, hp, "backbone_features",
+                                               lambda: hp.prepare_data(cfg), "hp")
     direct = real(hp.frozen_backbone(cfg), first["train"]["image"], 4, "cpu", augment_seed=cfg.seed)
     assert all(torch.equal(direct[k], first["train"][k]) for k in direct)  # the cache changes no number
     other = hp.frozen_backbone(cfg)
@@ -246,9 +215,7 @@ def test_prepare_data_second_call_reads_the_feature_cache(tmp_path, monkeypatch)
 @pytest.mark.parametrize("cached", [True, False])
 def test_bench_case_runs_one_step(cached, monkeypatch):
     "`bench_case` (toy sizes): one call is one optimizer step of every trainable part; the frozen backbone stays put."
-    calls = []
-    real = hp.vit_features
-    monkeypatch.setattr(hp, "vit_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = count_calls(monkeypatch, hp, "vit_features")
     assert hp.BENCH_HAS_CACHE is True
     cfg = pick(hp.CONFIG, "toy").replace(batch=4, pool_size=16, device="cpu")
     case = hp.bench_case(cfg, cached=cached)

@@ -12,7 +12,8 @@ from seglab.config import pick
 from seglab.data.datasets import VOC_CLASSES, YOLOSegmentation, resize_image, resize_mask
 from seglab.methods import piclip
 
-from interrupt import Stop, StopAt
+from _helpers import assert_tour_contract
+from interrupt import assert_resumes_exactly
 
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 VOC, COCO128 = DATA / "voc_samples", DATA / "coco128_seg"
@@ -26,15 +27,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     cfg = small()
     gen = piclip.build_priors(cfg)
     bank = piclip.prior_bank(gen, piclip.make_episodes(cfg, True, cfg.n_train), cache=False)
-    ref, _ = piclip.train(cfg, bank, priors=gen)
     ckpt = tmp_path / "piclip.pt"
-    with pytest.raises(Stop):
-        piclip.train(cfg, bank, callbacks=[StopAt(3)], ckpt=ckpt, priors=gen)
-    assert ckpt.exists()                                              # saved at step 2
-    resumed, hist = piclip.train(cfg, bank, ckpt=ckpt, priors=gen)
+    *_, hist = assert_resumes_exactly(lambda **kw: piclip.train(cfg, bank, priors=gen, **kw), ckpt,
+                                      state=lambda model: model.meta.state_dict())
     assert hist.records[-1]["step"] == 6
-    ra, rb = ref.meta.state_dict(), resumed.meta.state_dict()
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)
     assert not any(k.startswith(("clip", "cnn")) for k in torch.load(ckpt, weights_only=True)["model"])  # frozen part not saved
 
 
@@ -42,8 +38,8 @@ def test_tour_returns_the_contract_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setitem(piclip.CONFIG, "toy", dict(piclip.CONFIG["toy"], steps=2, n_train=4, n_test=3, batch=4))
     ckpt = tmp_path / "piclip-toy.pt"
     first = piclip.tour("toy", ckpt=ckpt)
-    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(first)
-    assert isinstance(first["baseline_name"], str) and 0 <= first["baseline"] <= 1 and 0 <= first["value"] <= 1
+    assert_tour_contract(first)
+    assert 0 <= first["value"] <= 1
     assert ckpt.exists() and (tmp_path / "piclip-toy-hdmnet.pt").exists() and (tmp_path / "piclip-toy-masked.pt").exists()
     second = piclip.tour("toy", ckpt=ckpt)                           # every run finished: resumed as it is
     assert (second["value"], second["baseline"]) == (first["value"], first["baseline"])

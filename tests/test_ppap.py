@@ -16,7 +16,9 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import ppap
 
-from interrupt import Stop, StopAt
+from _helpers import (assert_labels_reach_only_the_probe, assert_prepare_cached, assert_tour_contract,
+                      count_calls)
+from interrupt import assert_resumes_exactly
 
 COCO128 = sample_data_dir() / "coco128_seg"
 
@@ -86,17 +88,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     "Interrupted after step 3 (last checkpoint: step 2), then resumed: the same weights and thresholds."
     vit, data = synthetic_data()
     cfg = small_cfg()
-    ref, _ = ppap.train(cfg, data, backbone=vit)
-    ckpt = tmp_path / "ppap.pt"
-    with pytest.raises(Stop):
-        ppap.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt, backbone=vit)
-    assert ckpt.is_file()
-    res, hist = ppap.train(cfg, data, ckpt=ckpt, backbone=vit)
+    ref, res, hist = assert_resumes_exactly(lambda **kw: ppap.train(cfg, data, backbone=vit, **kw),
+                                            tmp_path / "ppap.pt")
     assert int(res.steps_done) == 6 and hist.records[-1]["step"] == 6
-    a, b = ref.state_dict(), res.state_dict()
-    assert a.keys() == b.keys() and "phi0" in a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a = ref.state_dict()
+    assert "phi0" in a
     assert not torch.equal(a["head.mlp.fc2.weight"], vit.blocks[-1].mlp.fc2.weight)  # the head did train
 
 
@@ -112,8 +108,8 @@ def test_tour_reports_the_strongest_baseline(monkeypatch):
                                                  feat_batch=8))
     monkeypatch.setitem(ppap.CONFIG, "common", dict(ppap.CONFIG["common"], n_init=2))
     out = ppap.tour("toy")
-    assert {"metric", "value", "chance", "baseline_name", "baseline"} <= out.keys()
-    assert "k-means" in out["baseline_name"] and 0 <= out["baseline"] <= 1 and 0 <= out["value"] <= 1
+    assert_tour_contract(out)
+    assert "k-means" in out["baseline_name"] and 0 <= out["value"] <= 1
     cfg = pick(ppap.CONFIG, "toy")
     data = ppap.prepare_data(cfg)
     assert out["baseline"] == ppap.kmeans_baseline(data, cfg.n_clusters, cfg.seed, cfg.n_init)["miou"]
@@ -125,39 +121,21 @@ def test_labels_never_reach_the_head():
     unsupervised step (e.g. positives mined from the mask, or the probe's loss not detached)."""
     vit, data = synthetic_data()
     cfg = small_cfg(steps=4)
-    shuffled = {**data, "train": {**data["train"], "mask": data["train"]["mask"].flip(0).roll(3, dims=-1)}}
-    a, _ = ppap.train(cfg, data, backbone=vit)
-    b, _ = ppap.train(cfg, shuffled, backbone=vit)
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        if not k.startswith("linear_probe."):
-            assert torch.equal(sa[k], sb[k]), k
-    assert not torch.equal(sa["linear_probe.weight"], sb["linear_probe.weight"])
+    assert_labels_reach_only_the_probe(lambda d: ppap.train(cfg, d, backbone=vit), data)
 
 
 def test_prepare_data_second_call_reads_the_feature_cache(tmp_path, monkeypatch):
     "The frozen tokens come from `seglab.cache.feature_cache`: a second call does not run the backbone."
-    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
-    calls = []
-    real = ppap.token_features
-    monkeypatch.setattr(ppap, "token_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = pick(ppap.CONFIG, "toy").replace(n_train=6, n_val=3, feat_batch=4)
-    first = ppap.prepare_data(cfg)
-    assert len(calls) == 2 and len(list((tmp_path / "features").glob("ppap-*.pt"))) == 2
-    second = ppap.prepare_data(cfg)
-    assert len(calls) == 2
-    for split in ("train", "val"):
-        for k in first[split]:
-            assert torch.equal(first[split][k], second[split][k]), (split, k)
+    first, *_ = assert_prepare_cached(monkeypatch, tmp_path, ppap, "token_features", lambda: ppap.prepare_data(cfg),
+                                      "ppap")
     assert first["train"]["fine"].max() >= 4 and first["train"]["mask"].max() <= 4  # fine labels kept beside coarse
 
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_bench_case_runs_one_step(cached, monkeypatch):
     "`bench_case` (toy sizes): one call is one optimizer step; the frozen backbone runs only without the cache."
-    calls = []
-    real = ppap.token_features
-    monkeypatch.setattr(ppap, "token_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = count_calls(monkeypatch, ppap, "token_features")
     assert ppap.BENCH_HAS_CACHE is True
     cfg = pick(ppap.CONFIG, "toy").replace(batch=4, device="cpu")
     case = ppap.bench_case(cfg, cached=cached)

@@ -15,7 +15,7 @@ from seglab.fewshot import ImageDrivenEpisodes, feature_batches
 from seglab.methods import scl
 from seglab.toyworld import FewShotEpisodes, collate
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 VOC = DATA / "voc_samples"
@@ -149,15 +149,8 @@ def test_evaluation_encodes_the_test_set_once():
 
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = pick(scl.CONFIG, "toy").replace(steps=6, ckpt_every=2, n_train=8, batch=4)
-    ref, _ = scl.train(cfg)
-    ckpt = tmp_path / "scl.pt"
-    with pytest.raises(Stop):
-        scl.train(cfg, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.exists()                                              # saved at step 2
-    resumed, hist = scl.train(cfg, ckpt=ckpt)
+    *_, hist = assert_resumes_exactly(lambda **kw: scl.train(cfg, **kw), tmp_path / "scl.pt")
     assert hist.records[-1]["step"] == 6
-    ra, rb = ref.state_dict(), resumed.state_dict()
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
 def test_tour_checkpoints(tmp_path, monkeypatch):
@@ -210,13 +203,18 @@ class _CountingEncoder(torch.nn.Module):
         return out
 
 
-def test_image_bank_uses_the_feature_cache(tmp_path, monkeypatch):
-    "The bank's features come from `seglab.cache.feature_cache`: equal tensors, and a second call runs no encoder."
-    from seglab.fewshot import image_bank
+def _counting_encoder_and_episodes(tmp_path, monkeypatch, n: int, train: bool, seed: int):
+    "The feature cache in `tmp_path`, a fresh `_CountingEncoder` (seed 0) and `n` 2-shot 32 px fold-0 episodes."
     monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
     torch.manual_seed(0)
     enc = _CountingEncoder().eval()
-    eps = [FewShotEpisodes(4, fold=0, shots=2, train=True, size=32, seed=0)[i] for i in range(4)]
+    return enc, [FewShotEpisodes(n, fold=0, shots=2, train=train, size=32, seed=seed)[i] for i in range(n)]
+
+
+def test_image_bank_uses_the_feature_cache(tmp_path, monkeypatch):
+    "The bank's features come from `seglab.cache.feature_cache`: equal tensors, and a second call runs no encoder."
+    from seglab.fewshot import image_bank
+    enc, eps = _counting_encoder_and_episodes(tmp_path, monkeypatch, 4, True, seed=0)
     ref = image_bank(enc, eps, batch=5, cache=False)
     n = enc.calls
     first = image_bank(enc, eps, batch=5)
@@ -256,10 +254,7 @@ def test_bench_case_runs_and_cached_mode_skips_the_encoder(cached, monkeypatch):
 def test_cached_feature_batches_equal_and_skip_the_encoder(tmp_path, monkeypatch):
     "The test set's features through the feature cache: the same tensors as `feature_batches`; a rerun runs no encoder."
     from seglab.fewshot import cached_feature_batches
-    monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
-    torch.manual_seed(0)
-    enc = _CountingEncoder().eval()
-    eps = [FewShotEpisodes(5, fold=0, shots=2, train=False, size=32, seed=1)[i] for i in range(5)]
+    enc, eps = _counting_encoder_and_episodes(tmp_path, monkeypatch, 5, False, seed=1)
     ref = list(feature_batches(enc, eps, batch=2, half=True))
     n = enc.calls
     for _ in range(2):

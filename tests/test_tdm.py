@@ -11,6 +11,9 @@ from seglab.config import pick
 from seglab.data.datasets import CUB200
 from seglab.methods import tdm
 
+from _helpers import assert_tour_contract
+from interrupt import assert_resumes_exactly
+
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 CUB = DATA / "cub_subset"
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
@@ -51,25 +54,7 @@ def cub_layout(root: Path, classes: int = 200, per_class: int = 17) -> Path:
 
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = pick(tdm.CONFIG, "toy").replace(steps=6, ckpt_every=2)
-
-    class Stop(Exception):
-        pass
-
-    class StopAt:
-        def __init__(self, step): self.step = step
-        def update(self, step, **_):
-            if step >= self.step:
-                raise Stop
-        def close(self): pass
-
-    ref, _ = tdm.train(cfg)
-    ckpt = tmp_path / "tdm.pt"
-    with pytest.raises(Stop):
-        tdm.train(cfg, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.exists()                                               # saved at step 2
-    resumed, hist = tdm.train(cfg, ckpt=ckpt)
-    ra, rb = ref.state_dict(), resumed.state_dict()
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)                  # BN running stats included
+    *_, hist = assert_resumes_exactly(lambda **kw: tdm.train(cfg, **kw), tmp_path / "tdm.pt")   # BN stats included
     assert len(hist) > 0
 
 
@@ -78,9 +63,7 @@ def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
     monkeypatch.setitem(tdm.CONFIG, "common", dict(tdm.CONFIG["common"], ckpt_every=5))
     ckpt = tmp_path / "tdm-toy.pt"
     r = tdm.tour("toy", ckpt=ckpt)
-    for k in ("metric", "value", "chance", "baseline_name", "baseline"):
-        assert k in r
-    assert isinstance(r["baseline_name"], str) and 0 <= r["baseline"] <= 1 and r["chance"] == 0.2
+    assert_tour_contract(r, chance=0.2)
     assert ckpt.exists() and (tmp_path / "tdm-toy-protonet.pt").exists()
     again = tdm.tour("toy", ckpt=ckpt)                                 # both finished: resumed as they are
     assert again["value"] == r["value"] and again["baseline"] == r["baseline"]

@@ -9,6 +9,8 @@ import torch
 from seglab.config import pick
 from seglab.methods import tdm, tdm_iam
 
+from _helpers import assert_tour_contract
+from interrupt import assert_resumes_exactly
 from test_tdm import CUB, cub_layout
 
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
@@ -22,26 +24,8 @@ def small_toy(**kw):
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = small_toy(steps=6, ckpt_every=2)
     data = tdm_iam.make_episodes(cfg, True)
-
-    class Stop(Exception):
-        pass
-
-    class StopAt:
-        def __init__(self, step): self.step = step
-        def update(self, step, **_):
-            if step >= self.step:
-                raise Stop
-        def close(self): pass
-
-    ref, _ = tdm_iam.train(cfg, data)
-    ckpt = tmp_path / "tdm_iam.pt"
-    with pytest.raises(Stop):
-        tdm_iam.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.exists()                                               # saved at step 2
-    resumed, hist = tdm_iam.train(cfg, data, ckpt=ckpt)
-    ra, rb = ref.state_dict(), resumed.state_dict()
-    assert any("attn" in k for k in ra)                                # IAM's weights are in the checkpoint
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)                  # BN running stats included
+    ref, _, hist = assert_resumes_exactly(lambda **kw: tdm_iam.train(cfg, data, **kw), tmp_path / "tdm_iam.pt")
+    assert any("attn" in k for k in ref.state_dict())                  # IAM's weights are in the checkpoint
     assert len(hist) > 0
 
 
@@ -51,9 +35,7 @@ def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
     monkeypatch.setitem(tdm_iam.CONFIG, "common", dict(tdm_iam.CONFIG["common"], ckpt_every=3))
     ckpt = tmp_path / "tdm_iam-toy.pt"
     r = tdm_iam.tour("toy", ckpt=ckpt)
-    for k in ("metric", "value", "chance", "baseline_name", "baseline"):
-        assert k in r
-    assert isinstance(r["baseline_name"], str) and 0 <= r["baseline"] <= 1 and r["chance"] == 0.2
+    assert_tour_contract(r, chance=0.2)
     assert r["baseline"] == max(r["protonet"], r["tdm"])
     assert ckpt.exists() and (tmp_path / "tdm_iam-toy-protonet.pt").exists() and (tmp_path / "tdm_iam-toy-tdm.pt").exists()
     again = tdm_iam.tour("toy", ckpt=ckpt)                             # all finished: resumed as they are

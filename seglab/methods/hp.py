@@ -19,11 +19,12 @@ from .. import toyworld
 
 # %% auto #0
 __all__ = ['CONFIG', 'OFFSETS', 'COARSE_K', 'BENCH_HAS_CACHE', 'frozen_backbone', 'photometric_aug', 'SegHead', 'ClusterProbe',
-           'HP', 'build_model', 'make_optimizer', 'flat', 'reference_pool', 'pool_threshold', 'hidden_positives',
-           'renew_pool', 'task_weight', 'neighbourhood', 'local_weights', 'window_weights', 'window_size', 'local_mix',
-           'denominator_mask', 'hp_contrastive', 'consistency_loss', 'gather', 'train_step', 'backbone_features',
-           'resize_crop', 'coarse_toy_labels', 'load_split', 'cached_features', 'prepare_data', 'evaluate',
-           'kmeans_baseline', 'chance_miou', 'fit_probe', 'train', 'untrained_baseline', 'tour', 'bench_case']
+           'HP', 'build_model', 'make_optimizer', 'head_clipped_adamw', 'flat', 'reference_pool', 'pool_threshold',
+           'hidden_positives', 'renew_pool', 'task_weight', 'neighbourhood', 'local_weights', 'window_weights',
+           'window_size', 'local_mix', 'denominator_mask', 'hp_contrastive', 'consistency_loss', 'gather', 'train_step',
+           'backbone_features', 'resize_crop', 'coarse_toy_labels', 'load_split', 'cached_features', 'prepare_data',
+           'evaluate', 'kmeans_baseline', 'chance_miou', 'fit_probe', 'train', 'untrained_baseline', 'tour',
+           'bench_case']
 
 # %% ../../nbs/10_unsupervised/11_hp.ipynb #a3434198
 CONFIG = dict(
@@ -142,13 +143,19 @@ def make_optimizer(model: HP, cfg) -> torch.optim.Optimizer:
     """One AdamW with HP's four groups: head (AdamW, wd 0.1), projection, linear and cluster probes (Adam). Before
     each step the **head's** gradient alone is clipped to norm `cfg.clip_grad`, as the official code clips only the
     segmentation head (`run.py:225`); the projection and the probes are not clipped."""
-    groups = [(model.head, cfg.lr_head, cfg.wd_head), (model.proj, cfg.lr_proj, 0.0),
-              (model.linear_probe, cfg.lr_linear, 0.0), (model.cluster_probe, cfg.lr_cluster, 0.0)]
-    opt = torch.optim.AdamW([dict(params=m.parameters(), lr=lr, weight_decay=wd) for m, lr, wd in groups])
-    if cfg.clip_grad:
-        head = list(model.head.parameters())
+    groups = [(model.head.parameters(), cfg.lr_head, cfg.wd_head), (model.proj.parameters(), cfg.lr_proj, 0.0),
+              (model.linear_probe.parameters(), cfg.lr_linear, 0.0),
+              (model.cluster_probe.parameters(), cfg.lr_cluster, 0.0)]
+    return head_clipped_adamw(groups, model.head, cfg.clip_grad)
+
+def head_clipped_adamw(groups, head: nn.Module, clip_grad: float) -> torch.optim.Optimizer:
+    """AdamW over `groups`, `(params, lr, weight_decay)` triples, one parameter group each; when `clip_grad` is set,
+    a step pre-hook clips the gradient of `head`'s parameters alone to norm `clip_grad` before every step."""
+    opt = torch.optim.AdamW([dict(params=p, lr=lr, weight_decay=wd) for p, lr, wd in groups])
+    if clip_grad:
+        params = list(head.parameters())
         def clip_head(optimizer, args, kwargs):
-            nn.utils.clip_grad_norm_(head, cfg.clip_grad)
+            nn.utils.clip_grad_norm_(params, clip_grad)
         opt.register_step_pre_hook(clip_head)
     return opt
 

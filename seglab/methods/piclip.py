@@ -20,8 +20,8 @@ from ..cam import clip_vit_forward, grad_cam, mean_attention, refine_cam, sinkho
 from ..config import get_device, pick, seed_everything
 from ..engine import History, derive_seed, fit, lr_schedule, to_device
 from ..data.datasets import VOC_CLASSES, binary_target, resize_image
-from ..fewshot import (FrozenEncoder, FrozenReader, ImageDrivenEpisodes, feature_mask, matching_probe,
-                            resize_input, train_augment)
+from ..fewshot import (FrozenEncoder, FrozenReader, ImageDrivenEpisodes, feature_mask, fold_class_ids,
+                            matching_probe, random_episode_batch, resize_input, train_augment)
 from ..metrics import FewShotIoU, auroc
 from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes
 
@@ -31,9 +31,9 @@ __all__ = ['CONFIG', 'PRIOR_KEYS', 'TRAINED', 'BENCH_HAS_CACHE', 'episodes', 'pr
            'cached_vtp', 'VTPEpisodes', 'TinyPascal', 'EfficientAttention', 'MixFFN', 'SelfBlock',
            'MaskedCrossAttention', 'Stage', 'conv_bn', 'gram_discrepancy', 'HDMNetLite', 'gt_logits',
            'distillation_loss', 'seg_ce', 'piclip_loss', 'prior_channels', 'PICLIP', 'build_model', 'train_step',
-           'fold_class_ids', 'make_episodes', 'bank_loader', 'train', 'predict', 'protocol_seeds', 'evaluate', 'chance',
-           'probe_batches', 'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation', 'shuffle_priors',
-           'zero_priors', 'compare', 'tour', 'bench_case']
+           'make_episodes', 'bank_loader', 'train', 'predict', 'protocol_seeds', 'evaluate', 'chance', 'probe_batches',
+           'threshold_miou', 'vtp_alone', 'prior_aurocs', 'pir_ablation', 'shuffle_priors', 'zero_priors', 'compare',
+           'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/43_piclip.ipynb #9d2abe0c
 def episodes(n: int, fold: int = 0, train: bool = False, seed: int = 0, shots: int = 1, size: int = 64,
@@ -502,13 +502,6 @@ def train_step(model: PICLIP, batch: dict, dis_weight: float = 1.0) -> dict:
     return piclip_loss(model(f, batch["support_masks"]), batch["query_mask"], dis_weight)
 
 # %% ../../nbs/40_fewshot/43_piclip.ipynb #b1103146
-def fold_class_ids(cfg) -> list[int]:
-    "The held-out (test) class ids of `cfg.fold`: ToyWorld's `FOLDS`, or PASCAL-5i's 5 classes."
-    if cfg.benchmark == "toyworld":
-        return FOLDS[cfg.fold]
-    from seglab.data.datasets import fold_classes
-    return fold_classes(cfg.benchmark, cfg.fold, "test")
-
 def make_episodes(cfg, train: bool, n: int | None, shots: int | None = None, seed: int | None = None):
     """K-shot episodes of `cfg.fold`'s training (`train`) or held-out classes. Toy: `n` ToyWorld episodes (a list).
     Full: PASCAL-5i training episodes as `seglab.fewshot.ImageDrivenEpisodes` draws them (PFENet's list; `VTPEpisodes`
@@ -711,11 +704,9 @@ def bench_case(cfg, cached: bool = True) -> dict:
     cfg = cfg.replace(pretrained=False)
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     g = torch.Generator().manual_seed(cfg.seed)
-    B, S = cfg.batch, cfg.size
-    classes = FOLDS[cfg.fold] if cfg.benchmark == "toyworld" else fold_class_ids(cfg)
-    batch = dict(query_image=torch.rand(B, 3, S, S, generator=g), support_images=torch.rand(B, 1, 3, S, S, generator=g),
-                 query_mask=(torch.rand(B, S, S, generator=g) < 0.3).long(),
-                 support_masks=(torch.rand(B, 1, S, S, generator=g) < 0.3).long(),
+    B = cfg.batch
+    classes = fold_class_ids(cfg)
+    batch = dict(random_episode_batch(B, cfg.size, g),
                  class_id=torch.tensor([classes[i % len(classes)] for i in range(B)]))
     batch = to_device(batch, device)
     model = build_model(cfg).to(device)

@@ -185,13 +185,7 @@ def make_optimizer(model: PPAP, cfg) -> torch.optim.Optimizer:
     groups = [(list(model.head.parameters()) + list(model.proj.parameters()), cfg.lr_head, cfg.wd_head),
               (list(model.linear_probe.parameters()), cfg.lr_linear, 0.0),
               (list(model.cluster_probe.parameters()), cfg.lr_cluster, 0.0)]
-    opt = torch.optim.AdamW([dict(params=p, lr=lr, weight_decay=wd) for p, lr, wd in groups])
-    if cfg.clip_grad:
-        head = list(model.head.parameters())
-        def clip_head(optimizer, args, kwargs):
-            nn.utils.clip_grad_norm_(head, cfg.clip_grad)
-        opt.register_step_pre_hook(clip_head)
-    return opt
+    return hp.head_clipped_adamw(groups, model.head, cfg.clip_grad)
 
 def train_step(model: PPAP, batch: dict, cfg, generator: torch.Generator | None = None,
                trace: dict | None = None) -> dict:

@@ -17,14 +17,14 @@ from ..config import get_device, pick, seed_everything
 from ..engine import History, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
                             cached_feature_batches, episode_features, fb_iou, feature_batches, feature_mask,
-                            image_bank, matching_probe)
+                            fold_class_ids, image_bank, matching_probe, random_episode_batch)
 from ..metrics import FewShotIoU
 from ..toyworld import FOLDS, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'BENCH_HAS_CACHE', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet',
-           'build_model', 'seg_ce', 'scl_loss', 'train_step', 'predict_kshot', 'predict', 'fold_class_ids',
-           'semantic_dataset', 'make_episodes', 'train', 'evaluate_runs', 'evaluate', 'chance', 'tour', 'bench_case']
+           'build_model', 'seg_ce', 'scl_loss', 'train_step', 'predict_kshot', 'predict', 'semantic_dataset',
+           'make_episodes', 'train', 'evaluate_runs', 'evaluate', 'chance', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6755e168
 def conv(cin: int, cout: int, k: int = 1) -> nn.Sequential:
@@ -204,13 +204,6 @@ CONFIG = dict(
               augment=True, workers=4, data_root=None),
 )
 
-def fold_class_ids(cfg) -> list[int]:
-    "The held-out (test) class ids of `cfg.fold`: ToyWorld's `FOLDS`, or the 5 / 20 classes of PASCAL-5i / COCO-20i."
-    if cfg.benchmark == "toyworld":
-        return FOLDS[cfg.fold]
-    from seglab.data.datasets import fold_classes
-    return fold_classes(cfg.benchmark, cfg.fold, "test")
-
 def semantic_dataset(cfg, train: bool):
     """The images behind the full profile's episodes. PASCAL: training on PFENet's 5,953-image list
     (`cfg.train_list`, from `seglab data get pascal5i`, looked up beside `voc2012` as `voc_aug` is), testing on VOC
@@ -354,11 +347,8 @@ def bench_case(cfg, cached: bool = True) -> dict:
     cfg = cfg.replace(pretrained=False)
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     g = torch.Generator().manual_seed(cfg.seed)
-    B, S = cfg.batch, cfg.size
-    batch = dict(query_image=torch.rand(B, 3, S, S, generator=g), support_images=torch.rand(B, 1, 3, S, S, generator=g),
-                 query_mask=(torch.rand(B, S, S, generator=g) < 0.3).long(),
-                 support_masks=(torch.rand(B, 1, S, S, generator=g) < 0.3).long())
-    batch = to_device(batch, device)
+    B = cfg.batch
+    batch = to_device(random_episode_batch(B, cfg.size, g), device)
     model = build_model(cfg).to(device).train()
     feats = dict(episode_features(model.encoder, batch["query_image"], batch["support_images"], batch["support_masks"]),
                  query_mask=batch["query_mask"], support_masks=batch["support_masks"])

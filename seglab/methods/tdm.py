@@ -24,8 +24,8 @@ from ..toyworld import BirdEpisodes
 __all__ = ['ATTENTIONS', 'CONFIG', 'BIRDS', 'conv_block', 'Conv4', 'Features', 'prototypes', 'channel_distances', 'proto_logits',
            'mean_map_distance', 'sam_statistics', 'qam_statistics', 'TDM', 'FixedWeight', 'FewShotNet',
            'build_backbone', 'build_model', 'train_step', 'class_split', 'frn_class_split', 'split_classes',
-           'image_transform', 'make_episodes', 'make_optimizer', 'train', 'evaluate', 'mechanism_gaps', 'tour',
-           'bench_case']
+           'image_transform', 'episode_sizes', 'cub_episodes', 'make_episodes', 'make_optimizer', 'train', 'evaluate',
+           'mechanism_gaps', 'tour', 'bench_case', 'bench_episode_step']
 
 # %% ../../nbs/40_fewshot/44_tdm.ipynb #8675e4c7
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -221,14 +221,30 @@ def image_transform(size: int, train: bool):
         return image[:, o:o + size, o:o + size].clamp(0, 1)
     return tf
 
+def episode_sizes(cfg, train: bool, n: int | None = None, seed: int | None = None) -> tuple:
+    """`(way, shot, queries, n, seed)` of training (`cfg.way`, `cfg.shot`, `cfg.queries`; `n` = `cfg.steps`, `cfg.seed`)
+    or test episodes (`cfg.test_way`, `cfg.test_shot`, `cfg.test_queries`; `n` = `cfg.n_test`, `cfg.seed + 1000`);
+    a given `n` or `seed` wins."""
+    way, shot, queries = (cfg.way, cfg.shot, cfg.queries) if train else (cfg.test_way, cfg.test_shot, cfg.test_queries)
+    n = (cfg.steps if train else cfg.n_test) if n is None else n
+    seed = (cfg.seed if train else cfg.seed + 1000) if seed is None else seed
+    return way, shot, queries, n, seed
+
+def cub_episodes(cfg, train: bool, way: int, shot: int, queries: int, n: int, seed: int) -> ClassEpisodes:
+    """`ClassEpisodes` over `CUB200(cfg.data_root, 'all', crop=cfg.crop)` with the training or test classes of
+    `split_classes(n, cfg.split)`, images through `image_transform(cfg.size, augment)` (augmented in training only)."""
+    from seglab.data.datasets import CUB200
+    data = CUB200(cfg.data_root, "all", crop=cfg.crop)
+    classes = split_classes(data.num_classes, cfg.split)["train" if train else "test"]
+    return ClassEpisodes(data, classes, way, shot, queries, n, seed,
+                         image_transform(cfg.size, train and cfg.get("augment", False)))
+
 def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = None):
     """Training (`train`: `cfg.way`-way `cfg.shot`-shot, `cfg.queries` queries) or test episodes (`cfg.test_way`,
     `cfg.test_shot`, `cfg.test_queries`; `n` defaults to `cfg.n_test`) of the profile's data: the feature toy
     (`FeatureEpisodes`), the toy birds (`data='birds'`, `BirdEpisodes` at `cfg.size`) or CUB (`ClassEpisodes` over
     `CUB200(cfg.data_root, 'all', crop=cfg.crop)` with the classes of `split_classes(n, cfg.split)`)."""
-    way, shot, queries = (cfg.way, cfg.shot, cfg.queries) if train else (cfg.test_way, cfg.test_shot, cfg.test_queries)
-    n = (cfg.steps if train else cfg.n_test) if n is None else n
-    seed = (cfg.seed if train else cfg.seed + 1000) if seed is None else seed
+    way, shot, queries, n, seed = episode_sizes(cfg, train, n, seed)
     if cfg.data == "features":
         return FeatureEpisodes(n, way, shot, queries, cfg.channels, cfg.side, cfg.signal_channels, cfg.signal,
                                cfg.nuisance_channels, cfg.nuisance, cfg.noise_std, seed,
@@ -237,11 +253,7 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
         return BirdEpisodes(n, split="train" if train else "test", way=way, shot=shot, queries=queries,
                             size=cfg.size, seed=seed)
     if cfg.data == "cub200":
-        from seglab.data.datasets import CUB200
-        data = CUB200(cfg.data_root, "all", crop=cfg.crop)
-        classes = split_classes(data.num_classes, cfg.split)["train" if train else "test"]
-        return ClassEpisodes(data, classes, way, shot, queries, n, seed,
-                             image_transform(cfg.size, train and cfg.get("augment", False)))
+        return cub_episodes(cfg, train, way, shot, queries, n, seed)
     raise ValueError(f"data must be 'features', 'birds' or 'cub200', got {cfg.data!r}")
 
 def _epochs(episodes):
@@ -347,15 +359,21 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
 def bench_case(cfg, cached: bool = False) -> dict:
     """One ProtoNet + TDM optimizer step at `cfg`'s sizes for `seglab.bench`: a fixed synthetic episode (`cfg.way`-way
     `cfg.shot`-shot, `cfg.queries` queries; feature maps for the toy, [0,1] images at `cfg.size` for the full profile)."""
+    shape = (cfg.channels, cfg.side, cfg.side) if cfg.backbone == "features" else (3, cfg.size, cfg.size)
+    return bench_episode_step(cfg, build_model, shape)
+
+def bench_episode_step(cfg, build, shape: tuple) -> dict:
+    """A `bench_case` for a few-shot classifier: `build(cfg)`'s optimizer step (`make_optimizer`, `train_step`) on one
+    fixed synthetic `cfg.way`-way `cfg.shot`-shot episode with `cfg.queries` queries of uniform [0,1] inputs of `shape`
+    (seeded by `cfg.seed`), on the GPU for the full profile."""
     device = get_device() if cfg.profile == "full" else torch.device("cpu")
     g = torch.Generator().manual_seed(cfg.seed)
-    shape = (cfg.channels, cfg.side, cfg.side) if cfg.backbone == "features" else (3, cfg.size, cfg.size)
     S, Q = cfg.way * cfg.shot, cfg.way * cfg.queries
     episode = to_device(dict(support_images=torch.rand(S, *shape, generator=g),
                              support_labels=torch.arange(cfg.way).repeat_interleave(cfg.shot),
                              query_images=torch.rand(Q, *shape, generator=g),
                              query_labels=torch.arange(cfg.way).repeat_interleave(cfg.queries)), device)
-    model = build_model(cfg).to(device).train()
+    model = build(cfg).to(device).train()
     opt = make_optimizer(cfg, model.parameters())
 
     def run():

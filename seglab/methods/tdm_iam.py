@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..baselines import prototype_accuracy
-from ..config import get_device, pick
+from ..config import pick
 from ..engine import History, to_device
 from ..fewshot_cls import ClassEpisodes, SandGlass
-from .tdm import (FewShotNet, conv_block, image_transform, make_optimizer, proto_logits, prototypes,
-                                qam_statistics, split_classes, train_step)
+from .tdm import (FewShotNet, bench_episode_step, conv_block, cub_episodes, episode_sizes,
+                                proto_logits, prototypes, qam_statistics)
 from .tdm import train as train_tdm
 from ..metrics import auroc, mean_ci95
 from ..toyworld import BIRD_SPLITS, ToyBirds
@@ -140,18 +140,12 @@ def make_episodes(cfg, train: bool, n: int | None = None, seed: int | None = Non
     """Training (`cfg.way`-way `cfg.shot`-shot, `cfg.queries` queries; `n` = `cfg.steps`) or test episodes
     (`cfg.test_way`, `cfg.test_shot`, `cfg.test_queries`; `n` = `cfg.n_test`): `ClassEpisodes` over the toy's
     `BirdPool` (`pool`, made by `make_pool` when None) or over CUB-200-2011 (`data='cub200'`, as the TDM chapter)."""
-    way, shot, queries = (cfg.way, cfg.shot, cfg.queries) if train else (cfg.test_way, cfg.test_shot, cfg.test_queries)
-    n = (cfg.steps if train else cfg.n_test) if n is None else n
-    seed = (cfg.seed if train else cfg.seed + 1000) if seed is None else seed
+    way, shot, queries, n, seed = episode_sizes(cfg, train, n, seed)
     if cfg.data == "birds":
         pool = make_pool(cfg, train) if pool is None else pool
         return ClassEpisodes(pool, BIRD_SPLITS["train" if train else "test"], way, shot, queries, n, seed)
     if cfg.data == "cub200":
-        from seglab.data.datasets import CUB200
-        data = CUB200(cfg.data_root, "all", crop=cfg.crop)
-        classes = split_classes(data.num_classes, cfg.split)["train" if train else "test"]
-        return ClassEpisodes(data, classes, way, shot, queries, n, seed,
-                             image_transform(cfg.size, train and cfg.get("augment", False)))
+        return cub_episodes(cfg, train, way, shot, queries, n, seed)
     raise ValueError(f"data must be 'birds' or 'cub200', got {cfg.data!r}")
 
 def train(cfg, data=None, callbacks=(), ckpt=None) -> tuple[FewShotNet, History]:
@@ -262,19 +256,4 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
 def bench_case(cfg, cached: bool = False) -> dict:
     """One ProtoNet + TDM + IAM optimizer step at `cfg`'s sizes for `seglab.bench`: a fixed synthetic episode
     (`cfg.way`-way `cfg.shot`-shot, `cfg.queries` queries, [0,1] images at `cfg.size`)."""
-    device = get_device() if cfg.profile == "full" else torch.device("cpu")
-    g = torch.Generator().manual_seed(cfg.seed)
-    S, Q = cfg.way * cfg.shot, cfg.way * cfg.queries
-    episode = to_device(dict(support_images=torch.rand(S, 3, cfg.size, cfg.size, generator=g),
-                             support_labels=torch.arange(cfg.way).repeat_interleave(cfg.shot),
-                             query_images=torch.rand(Q, 3, cfg.size, cfg.size, generator=g),
-                             query_labels=torch.arange(cfg.way).repeat_interleave(cfg.queries)), device)
-    model = build_model(cfg).to(device).train()
-    opt = make_optimizer(cfg, model.parameters())
-
-    def run():
-        out = train_step(model, episode)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=S + Q)
+    return bench_episode_step(cfg, build_model, (3, cfg.size, cfg.size))
