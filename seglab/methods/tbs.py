@@ -19,18 +19,17 @@ from ..backbones import IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, nor
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import derive_seed, fit, to_device
-from ..fewshot import FrozenReader, epoch_loader, matching_probe, resize_input
+from ..fewshot import FrozenReader, epoch_loader, fold_class_ids, matching_probe, resize_input
 from ..metrics import auroc, FewShotIoU
-from ..toyworld import (FOLDS, FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
+from ..toyworld import (FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
                              sample_scene)
 
 # %% auto #0
 __all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
            'recompute', 'PositionalEncoding', 'MaskAttention', 'CrossAttention', 'ScoreMap', 'soft_mask',
            'background_scores', 'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce', 'episode_blocks',
-           'train_step', 'fold_class_ids', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches', 'train',
-           'evaluate_runs', 'evaluate', 'chance', 'probe_batches', 'layer_scores', 'suppression_auroc', 'tour',
-           'bench_case']
+           'train_step', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches', 'train', 'evaluate_runs',
+           'evaluate', 'chance', 'probe_batches', 'layer_scores', 'suppression_auroc', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #892fc2fb
 class TBSEpisodes(FewShotEpisodes):
@@ -358,13 +357,6 @@ CONDITIONS = {  # ToyWorld episode knobs of the four test conditions (the card's
     "look-alike + distractors": dict(support_lookalike=1.0, query_distractors=2),
     "look-alike + shared bg": dict(support_lookalike=1.0, bg_similarity=1.0),   # the mechanism's test set
 }
-
-def fold_class_ids(cfg) -> list[int]:
-    "Held-out class ids of `cfg.fold`: ToyWorld's `FOLDS`, or PASCAL-5i / COCO-20i's (1-based VOC/COCO labels)."
-    if cfg.benchmark == "toyworld":
-        return FOLDS[cfg.fold]
-    from seglab.data.datasets import fold_classes
-    return fold_classes(cfg.benchmark, cfg.fold, "test")
 
 def make_episodes(cfg, train: bool, n: int | None, shots: int = 1, condition: str = "train", seed: int | None = None):
     """K-shot episodes of `cfg.fold`. Toy: `n` `TBSEpisodes` (a list), training ones with the config's knobs
