@@ -23,7 +23,7 @@ from ..data.datasets import VOC_CLASSES, binary_target, resize_image
 from ..fewshot import (FrozenEncoder, FrozenReader, ImageDrivenEpisodes, feature_mask, fold_class_ids,
                             matching_probe, random_episode_batch, resize_input, train_augment)
 from ..metrics import FewShotIoU, auroc
-from ..toyworld import CLASS_NAMES, FOLDS, FewShotEpisodes
+from ..toyworld import CLASS_NAMES, FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'PRIOR_KEYS', 'TRAINED', 'BENCH_HAS_CACHE', 'episodes', 'prompt_pairs', 'class_names', 'build_readers',

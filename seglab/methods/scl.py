@@ -19,7 +19,7 @@ from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_
                             cached_feature_batches, episode_features, fb_iou, feature_batches, feature_mask,
                             fold_class_ids, image_bank, matching_probe, random_episode_batch)
 from ..metrics import FewShotIoU
-from ..toyworld import FOLDS, FewShotEpisodes
+from ..toyworld import FewShotEpisodes
 
 # %% auto #0
 __all__ = ['CONFIG', 'BENCH_HAS_CACHE', 'conv', 'cls_head', 'FEMDecoder', 'split_support_mask', 'self_guided', 'SCLNet',
