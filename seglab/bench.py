@@ -5,6 +5,7 @@
 # %% ../nbs/00_foundations/07a_bench.ipynb #da847ade
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -21,9 +22,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import device_name, get_device, pick
+from .engine import amp_setup
 
 # %% auto #0
-__all__ = ['BENCH_COLUMNS', 'matmul_peak', 'time_calls', 'step_flops', 'bench_module', 'bench_case', 'benchable', 'bench']
+__all__ = ['BENCH_COLUMNS', 'matmul_peak', 'time_calls', 'step_flops', 'bench_module', 'step_case', 'bench_case', 'benchable',
+           'bench']
 
 # %% ../nbs/00_foundations/07a_bench.ipynb #ea1f2036
 def _sync(device: torch.device) -> None:
@@ -83,6 +86,29 @@ def bench_module(module: ModuleType, profile: str, cached: bool | None = None, s
                 steps_per_s=round(1 / seconds, 3), s_per_step=round(seconds, 4), gflop_per_step=round(flops / 1e9, 3),
                 gflops=round(flops / seconds / 1e9, 2), of_peak=round(flops / seconds / peak, 4),
                 peak_mem_mb=round(_peak_memory_mb(device), 1), device=device_name(device))
+
+# %% ../nbs/00_foundations/07a_bench.ipynb #fc7b25ab
+def step_case(forward: Callable[[], object], opt: torch.optim.Optimizer, batch: int,
+              amp: bool | str | None = False, device=None) -> dict:
+    """A `bench_case` result whose `run()` is one optimizer step: `forward()` (the loss, or a dict with `"loss"`),
+    `opt.zero_grad(set_to_none=True)`, backward, `opt.step()`; `batch` is the number of samples a step sees. `amp`: an
+    `seglab.engine.amp_setup` mode for `device` (autocast around `forward`, a gradient scaler for fp16); off by default."""
+    dtype, scaler = (None, None) if amp is False else amp_setup(amp, get_device(device))
+    device_type = get_device(device).type if dtype is not None else None
+
+    def run():
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            out = forward()
+        loss = out["loss"] if isinstance(out, dict) else out
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return dict(run=run, batch=batch)
 
 # %% ../nbs/00_foundations/07a_bench.ipynb #038f9451
 def _chapter_module(slug: str) -> str:

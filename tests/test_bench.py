@@ -6,9 +6,10 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
-from seglab.bench import BENCH_COLUMNS, bench_module
+from seglab.bench import BENCH_COLUMNS, bench_module, step_case
 
 
 SEGLAB = str(Path(sys.executable).with_name("seglab")) if Path(sys.executable).with_name("seglab").exists() \
@@ -44,3 +45,48 @@ def test_bench_row_of_a_stand_in_chapter(tmp_path):
     assert set(BENCH_COLUMNS) <= set(row) and row["chapter"] == "standin" and row["batch"] == 4
     assert row["gflop_per_step"] == round(2 * 2 * 4 * 64 * 64 / 1e9, 3)  # forward + weight gradient
     json.dumps(row)  # rows are plain JSON
+
+
+def _manual_steps(model, opt, x, n):
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("returns_dict", [False, True])
+def test_step_case_is_one_optimizer_step(returns_dict):
+    "`step_case`'s run() is exactly one zero-grad/backward/step: n calls = n hand-written steps (no accumulation)."
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 3)
+    b = torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 6)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    loss = lambda: a(x).square().mean()
+    case = step_case((lambda: dict(loss=loss(), other=1)) if returns_dict else loss, opt_a, batch=5)
+    assert case["batch"] == 5 and set(case) == {"run", "batch"}
+    for _ in range(3):
+        case["run"]()
+    _manual_steps(b, opt_b, x, 3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), (False, None)])
+def test_step_case_amp(amp, dtype):
+    "With `amp` the forward runs under autocast; fp16's gradient scaler is unscaled before the update."
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 1, bias=False)
+    w0 = a.weight.detach().clone()
+    x = torch.full((2, 4), 0.01)   # small: fp16's scaled gradients (scale 2**16) must not overflow, or the step is skipped
+    seen = []
+
+    def forward():
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return a(x).float().mean()   # an fp32 loss, as autocast gives a chapter's cross-entropy
+    opt = torch.optim.SGD(a.parameters(), lr=0.25)
+    step_case(forward, opt, batch=2, amp=amp, device="cpu")["run"]()
+    assert seen == [dtype]
+    torch.testing.assert_close(a.weight.detach(), w0 - 0.25 * 0.01, rtol=0, atol=1e-5)   # d mean / d w = x, unscaled
