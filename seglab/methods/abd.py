@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..bench import step_case
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import ACDCSlices, ACDCVolumes, resize_image, resize_mask, sample_data_dir
 from ..engine import fit, load_checkpoint, lr_schedule, save_checkpoint
@@ -482,10 +483,4 @@ def bench_case(cfg, cached=None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-
-    def run():
-        loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return dict(run=run, batch=cfg.batch_l + cfg.batch_u)
+    return step_case(lambda: train_step(model, batch, cfg), opt, cfg.batch_l + cfg.batch_u)

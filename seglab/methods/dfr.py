@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from ..backbones import TOY_NORM, toy_vit, vit_features
 from ..baselines import fit_pixel_classifier, predict_dense
+from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import VOCSegmentation, sample_data_dir
@@ -477,15 +478,5 @@ def bench_case(cfg, cached: bool = True) -> dict:
         with torch.no_grad():
             batch["feats"] = model.features(batch["image"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    from seglab.engine import amp_setup
-    dtype, scaler = amp_setup(cfg.amp if device.type == "cuda" else False, device)
-
-    def run():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward(); opt.step()
-        else:
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, batch, cfg), opt, cfg.batch,
+                     amp=cfg.amp if device.type == "cuda" else False, device=device)

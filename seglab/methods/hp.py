@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..backbones import dino_vit, load_toy, vit_features
 from ..baselines import kmeans, kmeans_readout, lloyd
+from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import ModelEMA, dist_info, fit, tensor_batches, unwrap
@@ -512,10 +513,5 @@ def bench_case(cfg, cached: bool = True) -> dict:
     model.pool_ag = F.normalize(torch.randn(cfg.pool_size, feats["f"].shape[1], generator=g), dim=1).to(device)
     model.pool_sp = F.normalize(torch.randn(cfg.pool_size, cfg.dim, generator=g), dim=1).to(device)
     opt = make_optimizer(model, cfg)
-
-    def run():
-        out = train_step(model, feats if cached else frozen(), cfg, 1.0, torch.Generator().manual_seed(cfg.seed))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, feats if cached else frozen(), cfg, 1.0,
+                                        torch.Generator().manual_seed(cfg.seed)), opt, cfg.batch)

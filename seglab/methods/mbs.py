@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones import IMAGENET_NORM, build_toy_vit, toy_vit, vit_features
+from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
 from ..engine import fit, loader_factory, tensor_batches
@@ -521,10 +522,4 @@ def bench_case(cfg, cached: bool = True) -> dict:
     if cached:
         batch = dict(tokens=model.encode(batch["image"]), mask=batch["mask"])
     opt = _optimizer(cfg, model, 1)
-
-    def run():
-        out = train_step(model, batch, old, VARIANTS["mbs"], cfg)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, batch, old, VARIANTS["mbs"], cfg), opt, cfg.batch)

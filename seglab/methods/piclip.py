@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import clip_model, masked_average_pooling, resnet, toy_clip, toy_cnn_shape
+from ..bench import step_case
 from ..cache import feature_cache, fingerprint
 from ..cam import clip_vit_forward, grad_cam, mean_attention, refine_cam, sinkhorn_transition
 from ..config import get_device, pick, seed_everything
@@ -714,10 +715,4 @@ def bench_case(cfg, cached: bool = True) -> dict:
     feats = dict(model.features(batch), query_mask=batch["query_mask"], support_masks=batch["support_masks"])
     feats = {k: v.detach() for k, v in feats.items()}
     opt = _optimizer(model, cfg)
-
-    def run():
-        out = train_step(model, feats if cached else batch, cfg.dis_weight)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=B)
+    return step_case(lambda: train_step(model, feats if cached else batch, cfg.dis_weight), opt, B)

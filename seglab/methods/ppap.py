@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import normalize
+from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..crf import dense_crf
@@ -341,13 +342,8 @@ def bench_case(cfg, cached: bool = True) -> dict:
     feats = frozen()
     model = build_model(cfg, backbone).to(device).train()
     opt = make_optimizer(model, cfg)
-
-    def run():
-        out = train_step(model, feats if cached else frozen(), cfg, torch.Generator().manual_seed(cfg.seed))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, feats if cached else frozen(), cfg, torch.Generator().manual_seed(cfg.seed)),
+                     opt, cfg.batch)
 
 # %% ../../nbs/10_unsupervised/12_ppap.ipynb #3d3bc4c9
 @torch.no_grad()

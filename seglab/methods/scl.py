@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import masked_average_pooling, masked_support_prior
+from ..bench import step_case
 from ..config import get_device, pick, seed_everything
 from ..engine import History, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
@@ -355,11 +356,5 @@ def bench_case(cfg, cached: bool = True) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(params, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-    def run():
-        out = train_step(model, feats if cached else batch, cfg.aux_weight)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=B)
+    return step_case(lambda: train_step(model, feats if cached else batch, cfg.aux_weight), opt, B)
 

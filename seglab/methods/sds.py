@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..backbones import clip_features, clip_model, clip_text_classifier, toy_clip, toy_clip_shape
 from ..baselines import subset
+from ..bench import step_case
 from ..cache import feature_cache
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label, class_scores,
                         clip_vit_forward, grad_cam, mean_attention, prompt_classifier, refine_cam, sinkhorn_transition,
@@ -21,7 +22,7 @@ from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo
 from ..crf import dense_crf
 from ..config import get_device, pick, seed_everything
 from ..data.datasets import VOCSegmentation, dataset_root, read_image, read_label, require
-from ..engine import amp_setup, fit, tensor_batches
+from ..engine import fit, tensor_batches
 from ..metrics import ConfusionMatrix
 from ..toyworld import NUM_CLASSES, NUM_STUFF, STUFF, THING_ATTRS, THINGS, SyntheticPairs, TinyFCN, chance_miou, collate
 
@@ -446,17 +447,7 @@ def bench_case(cfg, cached: bool = True) -> dict:
     batch = dict(image=torch.rand(cfg.batch, 3, cfg.size, cfg.size, generator=g).to(device),
                  mask=torch.randint(cfg.num_classes, (cfg.batch, cfg.size, cfg.size), generator=g).to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    dtype, scaler = amp_setup(cfg.amp, device)
-
-    def run():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = train_step(model, batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward(); opt.step()
-        else:
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, batch), opt, cfg.batch, amp=cfg.amp, device=device)
 
 # %% ../../nbs/20_weak/24_sds.ipynb #930151f3
 def _resized(d: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:

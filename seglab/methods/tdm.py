@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..baselines import prototype_accuracy
+from ..bench import step_case
 from ..config import get_device, pick, seed_everything
 from ..engine import History, fit, to_device
 from ..fewshot_cls import ClassEpisodes, FeatureEpisodes, SandGlass
@@ -375,10 +376,4 @@ def bench_episode_step(cfg, build, shape: tuple) -> dict:
                              query_labels=torch.arange(cfg.way).repeat_interleave(cfg.queries)), device)
     model = build(cfg).to(device).train()
     opt = make_optimizer(cfg, model.parameters())
-
-    def run():
-        out = train_step(model, episode)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=S + Q)
+    return step_case(lambda: train_step(model, episode), opt, S + Q)

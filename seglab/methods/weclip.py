@@ -18,9 +18,10 @@ from ..baselines import fit_pixel_classifier, predict_dense
 from ..cam import (CLIP_ES_TEMPLATE, VOC_BG_WORDS, VOC_FG_NAMES, assemble_pseudo_label,
                         class_scores, clip_vit_forward, colour_prompts, grad_cam, mean_attention,
                         prompt_classifier, refine_cam, sinkhorn_transition)
+from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
-from ..engine import amp_setup, fit, loader_factory, lr_schedule, tensor_batches
+from ..engine import fit, loader_factory, lr_schedule, tensor_batches
 from ..metrics import ConfusionMatrix
 from ..toyworld import COLOUR_CLASSES, SHAPES, STUFF, collate, make_scenes
 
@@ -302,19 +303,12 @@ def bench_case(cfg, cached: bool = True) -> dict:
     data = dict(image=torch.rand(cfg.batch, 3, cfg.size, cfg.size, generator=g).to(device), labels=labels.to(device))
     batch = cache_clip_pass(model, data, batch=cfg.batch) if cached else data
     opt = make_optimizer(model, cfg)
-    dtype, scaler = amp_setup(cfg.amp, device)
     rfm_step = int(cfg.rfm_start * cfg.steps)
 
-    def run():
+    def forward():
         model.steps_done = rfm_step                                  # every timed step is an RFM step
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = train_step(model, batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward(); opt.step()
-        else:
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    return dict(run=run, batch=cfg.batch)
+        return train_step(model, batch)
+    return step_case(forward, opt, cfg.batch, amp=cfg.amp, device=device)
 
 # %% ../../nbs/20_weak/21_weclip.ipynb #ec67e47b
 class WeakCrops(torch.utils.data.Dataset):
