@@ -1,5 +1,6 @@
-"""Small checks the chapter tests share: counting the calls of a patched function (feature-cache tests) and the
-keys every `tour` returns."""
+"""Small checks the chapter tests share: counting the calls of a patched function (feature-cache tests), the
+keys every `tour` returns, and the real VOC samples laid out as PASCAL-5i (few-shot full-config tests)."""
+from pathlib import Path
 
 
 def count_calls(monkeypatch, owner, name: str):
@@ -76,3 +77,36 @@ def assert_prepare_cached(monkeypatch, tmp_path, owner, name: str, prepare, pref
         for k in first[split]:
             assert torch.equal(first[split][k], second[split][k]), (split, k)
     return first, calls, real
+
+
+PASCAL5I_FOLD0_VAL = ("voc2012val_crop_001", "voc2012val_crop_114")  # classes 1 (aeroplane) and 3 (bird): fold 0's test
+
+
+def pascal5i_layout(root: Path, samples: Path, copies: int = 4, val_stems=PASCAL5I_FOLD0_VAL, unlisted=None) -> dict:
+    """Lay the VOC samples of `samples` (the shared `voc_samples` folder) out under `root` as the registry lays out
+    PASCAL-5i: `voc2012/VOCdevkit/VOC2012` (JPEGImages, SegmentationClass, ImageSets/Segmentation/val.txt),
+    `voc_aug/SegmentationClassAug` and `pascal5i/voc_sbd_merge_noduplicate.txt` (PFENet's training list). Each sample
+    is written `copies` times (odd copies flipped left-right) so that every class has several images; the copies of
+    `val_stems` make val.txt; copy `k` of sample `stem` with `unlisted(stem, k)` true is in SegmentationClassAug but
+    not in the list. Returns the ids as `{"val": [...], "list": [...], "extra": [...]}` (extra: the unlisted ones)."""
+    from PIL import Image
+    voc = root / "voc2012" / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    aug = root / "voc_aug" / "SegmentationClassAug"
+    aug.mkdir(parents=True)
+    (root / "pascal5i").mkdir()
+    ids = {"val": [], "list": [], "extra": []}
+    for p in sorted((samples / "JPEGImages").glob("*.jpg")):
+        im, lab = Image.open(p), Image.open(samples / "SegmentationClass" / f"{p.stem}.png")
+        for k in range(copies):
+            sid = f"{p.stem}_{k}"
+            a, b = (im, lab) if k % 2 == 0 else (im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT))
+            a.save(voc / "JPEGImages" / f"{sid}.jpg")
+            for d in (voc / "SegmentationClass", aug):
+                b.save(d / f"{sid}.png")
+            ids["val" if p.stem in val_stems else "extra" if unlisted and unlisted(p.stem, k) else "list"].append(sid)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids["val"]) + "\n")
+    (root / "pascal5i" / "voc_sbd_merge_noduplicate.txt").write_text(
+        "".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids["list"]))
+    return ids

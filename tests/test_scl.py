@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from seglab.config import pick
 from seglab.data.datasets import COCO_FOLD_CLASSES, YOLOSegmentation, FewShotSegEpisodes
@@ -15,6 +14,7 @@ from seglab.fewshot import ImageDrivenEpisodes, feature_batches
 from seglab.methods import scl
 from seglab.toyworld import FewShotEpisodes, collate
 
+from _helpers import pascal5i_layout
 from interrupt import assert_resumes_exactly
 
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -23,34 +23,13 @@ needs_voc = pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found 
 COCO128 = DATA / "coco128_seg"
 needs_coco = pytest.mark.skipif(not COCO128.is_dir(), reason=f"COCO128 samples not found at {COCO128} (set SEGLAB_SHARED_DATA)")
 
-VAL_STEMS = ("voc2012val_crop_001", "voc2012val_crop_114")          # classes 1 (aeroplane) and 3 (bird): fold 0's test
 COPIES = 6                                                          # each sample 6 times (odd copies flipped)
 
 
-def pascal5i_layout(root: Path) -> dict:
-    """The VOC samples shaped as the registry lays out PASCAL-5i: `voc2012/VOCdevkit/VOC2012` (JPEGImages,
-    SegmentationClass, val.txt), `voc_aug/SegmentationClassAug` and `pascal5i/voc_sbd_merge_noduplicate.txt`.
-    SegmentationClassAug also holds 2 ids that the PFENet list leaves out (so `train_aug` != the list)."""
-    voc = root / "voc2012" / "VOCdevkit" / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / d).mkdir(parents=True, exist_ok=True)
-    aug = root / "voc_aug" / "SegmentationClassAug"
-    aug.mkdir(parents=True)
-    (root / "pascal5i").mkdir()
-    ids = {"val": [], "list": [], "extra": []}
-    for p in sorted((VOC / "JPEGImages").glob("*.jpg")):
-        im, lab = Image.open(p), Image.open(VOC / "SegmentationClass" / f"{p.stem}.png")
-        for k in range(COPIES):
-            sid = f"{p.stem}_{k}"
-            a, b = (im, lab) if k % 2 == 0 else (im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT))
-            a.save(voc / "JPEGImages" / f"{sid}.jpg")
-            for d in (voc / "SegmentationClass", aug):
-                b.save(d / f"{sid}.png")
-            ids["val" if p.stem in VAL_STEMS else "extra" if k >= COPIES - 1 and p.stem.startswith("2011") else "list"].append(sid)
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids["val"]) + "\n")
-    (root / "pascal5i" / "voc_sbd_merge_noduplicate.txt").write_text(
-        "".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids["list"]))
-    return ids
+def voc_as_pascal5i(root: Path) -> dict:
+    """The VOC samples laid out as PASCAL-5i under `root` (`_helpers.pascal5i_layout`, fold 0's val images); the last
+    copy of each 2011 sample is in SegmentationClassAug only, so that `train_aug` != the PFENet list."""
+    return pascal5i_layout(root, VOC, copies=COPIES, unlisted=lambda stem, k: k == COPIES - 1 and stem.startswith("2011"))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +37,7 @@ def pascal5i(tmp_path_factory):
     if not VOC.is_dir():
         pytest.skip(f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
     root = tmp_path_factory.mktemp("pascal5i_data")
-    return root, pascal5i_layout(root)
+    return root, voc_as_pascal5i(root)
 
 
 def full_cfg(root, **changes):
@@ -77,7 +56,7 @@ def test_full_training_uses_the_pfenet_list(pascal5i):
 def test_missing_list_names_the_fetch_command(tmp_path):
     if not VOC.is_dir():
         pytest.skip(f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
-    pascal5i_layout(tmp_path)
+    voc_as_pascal5i(tmp_path)
     (tmp_path / "pascal5i" / "voc_sbd_merge_noduplicate.txt").unlink()
     with pytest.raises(FileNotFoundError, match="seglab data get pascal5i"):
         scl.make_episodes(full_cfg(tmp_path), True, None)
