@@ -155,6 +155,33 @@ def test_flipped_reward_breaks_the_return_check(data, monkeypatch):
     assert not total("always") > 0
 
 
+def test_one_step_advantages_equal_brute_force_replays():
+    cfg = tiny(n_train=3, frames=12)
+    d = dict(train=ftmu.make_split(cfg, "train"))
+    tau = 0.1
+    osa = ftmu.one_step_advantages(d, cfg, "train", tau)
+    assert len(osa["adv"]) == len(osa["iou"]) == len(osa["states"]) > 0
+    assert np.all(osa["adv"][osa["last"]] == 0)                     # no future after a target's last decision
+    rule = ftmu.fixed_policy("tau", tau)
+    i, checked = 0, 0
+    for v, fr in zip(d["train"]["videos"], d["train"]["frames"]):
+        dec = []
+        ftmu.run_video(v, fr, lambda S, ctx: dec.extend(ctx) or rule(S, ctx), cfg)
+        for x in dec:
+            def forced(a):
+                pol = lambda S, ctx: [a if (c["t"], c["k"]) == (x["t"], x["k"]) else r for c, r in zip(ctx, rule(S, ctx))]
+                steps = []
+                ftmu.run_video(v, fr, lambda S, ctx: steps.extend((c["t"], c["k"]) for c in ctx) or pol(S, ctx), cfg)
+                tr = ftmu.run_video(v, fr, pol, cfg)["traj"][x["k"]]
+                p = [s for s in steps if s[1] == x["k"]].index((x["t"], x["k"]))
+                rest = tr["rewards"][p + 1:]
+                return float(ftmu.discounted_returns(rest, cfg.gamma)[0]) if rest else 0.0
+            assert abs((forced(ftmu.UPDATE) - forced(ftmu.KEEP)) - osa["adv"][i]) < 1e-3, (i, x["t"], x["k"])
+            checked += abs(osa["adv"][i]) > 1
+            i += 1
+    assert i == len(osa["adv"]) and checked > 0                   # some decisions matter, so sign and offset are tested
+
+
 # ---------------------------------------------------------------- training, tour, bench
 
 def test_resume_equals_uninterrupted(tmp_path, data):

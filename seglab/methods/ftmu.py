@@ -28,8 +28,8 @@ __all__ = ['UPDATE', 'KEEP', 'N_QUALITY', 'CONFIG', 'DETECTORS', 'frame_hw', 'bo
            'candidates_in', 'prepare_frames', 'cand_masks', 'region_feature', 'cosine', 'match', 'part_features',
            'state', 'run_video', 'reward', 'ActorCritic', 'discounted_returns', 'a2c_loss', 'agent_policy',
            'fixed_policy', 'evaluate', 'mean_j', 'tune_tau', 'chance', 'state_dim', 'make_split', 'make_data',
-           'build_model', 'standardise', 'train_step', 'train', 'maskrcnn', 'feature_cnn', 'label_sources',
-           'detect_sequence', 'davis_models', 'davis_split', 'frame_scores', 'tour', 'bench_case']
+           'build_model', 'standardise', 'train_step', 'train', 'one_step_advantages', 'maskrcnn', 'feature_cnn',
+           'label_sources', 'detect_sequence', 'davis_models', 'davis_split', 'frame_scores', 'tour', 'bench_case']
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #c68e4003
 UPDATE, KEEP = 1, 0   # the actions (the official code encodes update as 0; seglab uses 1 for readability)
@@ -391,6 +391,37 @@ def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, bug: bool = Fa
                   callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, seed=cfg.seed,
                   device=get_device(cfg.device), desc="ftmu-a2c" + ("-bug" if bug else ""))
     return dict(model=model.cpu(), history=history, data=data)
+
+# %% ../../nbs/70_video/71_ftmu.ipynb #281083f4
+def one_step_advantages(data: dict, cfg, split: str = "train", tau: float = 0.1) -> dict:
+    """Exact one-step counterfactual advantages of *update* over *keep* under the rule 'update if template IoU > tau':
+    for each decision (frame t, target k) of that rule on `data[split]`, the video is replayed with that one action
+    flipped, and `adv` is target k's discounted return (`cfg.gamma`) from its next step on after update minus after
+    keep. Returns numpy arrays `adv`, `iou` (the matched candidate's template IoU), `true_iou`, `last` (k's last
+    decision: no future, so adv = 0) and the `states` [N,D] tensor."""
+    rule = fixed_policy("tau", tau)
+    out = dict(adv=[], iou=[], true_iou=[], last=[], states=[])
+    def ret(rewards):
+        return float(discounted_returns(rewards, cfg.gamma)[0]) if len(rewards) else 0.0
+    for v, fr in zip(data[split]["videos"], data[split]["frames"]):
+        dec = []
+        def record(states, ctx):
+            dec.extend(zip(states, ctx))
+            return rule(states, ctx)
+        ref = run_video(v, fr, record, cfg)["traj"]
+        pos = {k: 0 for k in ref}
+        for s, x in dec:
+            t, k = x["t"], x["k"]
+            p, pos[k] = pos[k], pos[k] + 1
+            flip = lambda S, ctx, t=t, k=k: [1 - a if (c["t"], c["k"]) == (t, k) else a for c, a in zip(ctx, rule(S, ctx))]
+            alt = run_video(v, fr, flip, cfg)["traj"][k]["rewards"]
+            g_ref, g_alt = ret(ref[k]["rewards"][p + 1:]), ret(alt[p + 1:])
+            out["adv"].append(g_ref - g_alt if x["iou"] > tau else g_alt - g_ref)
+            out["iou"].append(x["iou"]); out["true_iou"].append(x["true_iou"]); out["states"].append(s)
+            out["last"].append(p == len(ref[k]["rewards"]) - 1)
+    res = {key: np.array(val) for key, val in out.items() if key != "states"}
+    res["states"] = torch.stack(out["states"]) if out["states"] else torch.zeros(0, state_dim(cfg))
+    return res
 
 # %% ../../nbs/70_video/71_ftmu.ipynb #9850b8fc
 DETECTORS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
