@@ -170,6 +170,45 @@ def test_mechanism_needs_dpg_and_breakages_change_the_seeds():
     assert torch.equal(mixed[0]["images"][1], groups[1]["images"][1])
 
 
+def test_common_auroc_measures_which_object_a_map_prefers():
+    groups = [dcfm.DistractorGroups(2, size=32, seed=1)[i] for i in range(2)]
+    common = [g["masks"] for g in groups]
+    distractor = [g["distractors"] for g in groups]
+    both = [(g["masks"] + g["distractors"]).clamp(max=1) for g in groups]
+    assert dcfm.common_auroc(common, groups) == 1.0
+    assert dcfm.common_auroc(distractor, groups) == 0.0
+    assert dcfm.common_auroc(both, groups) == 0.5                            # both objects alike: no preference
+    # R maps at x5's grid ([G,1,h,w]) are upsampled first; the mechanism's R AUROC is this function on R
+    net = dcfm.build_model(tiny())
+    Rs = [dcfm.predict(net, g["images"])[1]["R"] for g in groups]
+    assert abs(dcfm.mechanism(net, groups)["r_auroc"] - dcfm.common_auroc(Rs, groups)) < 1e-12
+
+
+def test_object_oracle_maps_are_the_two_single_image_answers():
+    groups = [dcfm.DistractorGroups(2, size=32, seed=2)[i] for i in range(2)]
+    maps = dcfm.object_oracle_maps(groups, seed=0)
+    for m, g in zip(maps["both objects (truth)"], groups):
+        assert torch.equal(m, ((g["masks"] + g["distractors"]) > 0).float())
+    picked = [int(torch.equal(p, m)) + 2 * int(torch.equal(p, d)) for ms, g in zip(maps["one object at random (truth)"], groups)
+              for p, m, d in zip(ms, g["masks"], g["distractors"])]
+    assert set(picked) == {1, 2}                                               # each image: exactly one of the two masks
+    assert all(torch.equal(a, b) for a, b in zip(maps["one object at random (truth)"],
+                                                  dcfm.object_oracle_maps(groups, seed=0)["one object at random (truth)"]))
+    # the perfect two-blob map cannot prefer the common object, and scores far above chance
+    assert dcfm.common_auroc(maps["both objects (truth)"], groups) == 0.5
+    assert dcfm.score_maps(maps["both objects (truth)"], groups)["sm"] > dcfm.chance_scores(groups)["sm"] + 0.2
+
+
+def test_rgb_pixel_maps_feed_rgb_pixel_scores():
+    cfg = tiny()
+    data = dcfm.make_data(cfg)
+    test = data["test"]["toy"]
+    maps = dcfm.rgb_pixel_maps(data, test, steps=5, seed=0)
+    assert [m.shape for m in maps] == [g["masks"].shape for g in test]
+    assert all(((m >= 0) & (m <= 1)).all() for m in maps)
+    assert dcfm.rgb_pixel_scores(data, test, steps=5, seed=0) == dcfm.score_maps(maps, test)
+
+
 def test_bad_config_names_the_fix():
     with pytest.raises(ValueError, match="'toy_cnn' or 'vgg16'"):
         dcfm.build_model(tiny(backbone="vgg19"))
