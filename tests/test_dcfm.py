@@ -280,6 +280,21 @@ def test_toy_config_keeps_amp_off():
     assert pick(dcfm.CONFIG, "toy").get("amp") in (None, False)
 
 
+def test_toy_profile_trains_the_last_block_at_the_head_rate_and_full_keeps_the_official_rates():
+    """The toy profile's named deviation: lr 1e-3 for the new layers and the toy CNN's last block, 900 iterations
+    (at the official 1e-4 / 1e-5 the last block does not move within the toy budget and DCFM stays level with the
+    single-image network); the full profile keeps the official rates (1e-4, backbone x0.1)."""
+    toy, full = pick(dcfm.CONFIG, "toy"), pick(dcfm.CONFIG, "full")
+    assert (toy.lr, toy.backbone_lr_mult, toy.iters) == (1e-3, 1.0, 900)
+    assert (full.lr, full.backbone_lr_mult) == (1e-4, 0.1)
+    # train() gives the encoder's trainable block lr x backbone_lr_mult: one step moves it at the profile's rate
+    cfg = tiny(iters=1, backbone_lr_mult=1.0)
+    before = {n: p.detach().clone() for n, p in dcfm.build_model(cfg).encoder.named_parameters() if p.requires_grad}
+    after = dict(dcfm.train(cfg)["model"].encoder.named_parameters())
+    step = max(float((after[n].detach() - w).abs().max()) for n, w in before.items())
+    assert 0.5 * cfg.lr < step < 2 * cfg.lr                                    # Adam's first step: about lr per weight
+
+
 # ---------------------------------------------------------------- the full config, one step, real sample
 
 def test_coco128_groups_from_the_real_sample():
