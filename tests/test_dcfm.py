@@ -170,6 +170,45 @@ def test_mechanism_needs_dpg_and_breakages_change_the_seeds():
     assert torch.equal(mixed[0]["images"][1], groups[1]["images"][1])
 
 
+def test_common_auroc_measures_which_object_a_map_prefers():
+    groups = [dcfm.DistractorGroups(2, size=32, seed=1)[i] for i in range(2)]
+    common = [g["masks"] for g in groups]
+    distractor = [g["distractors"] for g in groups]
+    both = [(g["masks"] + g["distractors"]).clamp(max=1) for g in groups]
+    assert dcfm.common_auroc(common, groups) == 1.0
+    assert dcfm.common_auroc(distractor, groups) == 0.0
+    assert dcfm.common_auroc(both, groups) == 0.5                            # both objects alike: no preference
+    # R maps at x5's grid ([G,1,h,w]) are upsampled first; the mechanism's R AUROC is this function on R
+    net = dcfm.build_model(tiny())
+    Rs = [dcfm.predict(net, g["images"])[1]["R"] for g in groups]
+    assert abs(dcfm.mechanism(net, groups)["r_auroc"] - dcfm.common_auroc(Rs, groups)) < 1e-12
+
+
+def test_object_oracle_maps_are_the_two_single_image_answers():
+    groups = [dcfm.DistractorGroups(2, size=32, seed=2)[i] for i in range(2)]
+    maps = dcfm.object_oracle_maps(groups, seed=0)
+    for m, g in zip(maps["both objects (truth)"], groups):
+        assert torch.equal(m, ((g["masks"] + g["distractors"]) > 0).float())
+    picked = [int(torch.equal(p, m)) + 2 * int(torch.equal(p, d)) for ms, g in zip(maps["one object at random (truth)"], groups)
+              for p, m, d in zip(ms, g["masks"], g["distractors"])]
+    assert set(picked) == {1, 2}                                               # each image: exactly one of the two masks
+    assert all(torch.equal(a, b) for a, b in zip(maps["one object at random (truth)"],
+                                                  dcfm.object_oracle_maps(groups, seed=0)["one object at random (truth)"]))
+    # the perfect two-blob map cannot prefer the common object, and scores far above chance
+    assert dcfm.common_auroc(maps["both objects (truth)"], groups) == 0.5
+    assert dcfm.score_maps(maps["both objects (truth)"], groups)["sm"] > dcfm.chance_scores(groups)["sm"] + 0.2
+
+
+def test_rgb_pixel_maps_feed_rgb_pixel_scores():
+    cfg = tiny()
+    data = dcfm.make_data(cfg)
+    test = data["test"]["toy"]
+    maps = dcfm.rgb_pixel_maps(data, test, steps=5, seed=0)
+    assert [m.shape for m in maps] == [g["masks"].shape for g in test]
+    assert all(((m >= 0) & (m <= 1)).all() for m in maps)
+    assert dcfm.rgb_pixel_scores(data, test, steps=5, seed=0) == dcfm.score_maps(maps, test)
+
+
 def test_bad_config_names_the_fix():
     with pytest.raises(ValueError, match="'toy_cnn' or 'vgg16'"):
         dcfm.build_model(tiny(backbone="vgg19"))
@@ -239,6 +278,21 @@ def test_bench_case_runs_one_step(cached):
 
 def test_toy_config_keeps_amp_off():
     assert pick(dcfm.CONFIG, "toy").get("amp") in (None, False)
+
+
+def test_toy_profile_trains_the_last_block_at_the_head_rate_and_full_keeps_the_official_rates():
+    """The toy profile's named deviation: lr 1e-3 for the new layers and the toy CNN's last block, 900 iterations
+    (at the official 1e-4 / 1e-5 the last block does not move within the toy budget and DCFM stays level with the
+    single-image network); the full profile keeps the official rates (1e-4, backbone x0.1)."""
+    toy, full = pick(dcfm.CONFIG, "toy"), pick(dcfm.CONFIG, "full")
+    assert (toy.lr, toy.backbone_lr_mult, toy.iters) == (1e-3, 1.0, 900)
+    assert (full.lr, full.backbone_lr_mult) == (1e-4, 0.1)
+    # train() gives the encoder's trainable block lr x backbone_lr_mult: one step moves it at the profile's rate
+    cfg = tiny(iters=1, backbone_lr_mult=1.0)
+    before = {n: p.detach().clone() for n, p in dcfm.build_model(cfg).encoder.named_parameters() if p.requires_grad}
+    after = dict(dcfm.train(cfg)["model"].encoder.named_parameters())
+    step = max(float((after[n].detach() - w).abs().max()) for n, w in before.items())
+    assert 0.5 * cfg.lr < step < 2 * cfg.lr                                    # Adam's first step: about lr per weight
 
 
 # ---------------------------------------------------------------- the full config, one step, real sample

@@ -28,8 +28,9 @@ __all__ = ['VGG_STAGES', 'CONFIG', 'BENCH_HAS_CACHE', 'DistractorGroups', 'Encod
            'iou_loss', 'scale_iou', 'scale_bce', 'scl_loss', 'build_model', 'dcfm_losses', 'train_step', 'cosod_mae',
            'CoSODMeter', 'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root',
            'split_groups', 'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features',
-           'consensus_map', 'group_mean_map', 'training_free_scores', 'rgb_pixel_scores', 'chance_scores', 'mechanism',
-           'random_seeds', 'argmin_seeds', 'all_seeds', 'shuffle_groups', 'identity_dpg', 'tour', 'bench_case']
+           'consensus_map', 'group_mean_map', 'training_free_scores', 'rgb_pixel_maps', 'rgb_pixel_scores',
+           'object_oracle_maps', 'chance_scores', 'common_auroc', 'mechanism', 'random_seeds', 'argmin_seeds',
+           'all_seeds', 'shuffle_groups', 'identity_dpg', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #790a2841
 def _place(rng: np.random.Generator, size: int, r1: float, r2: float, gap: float = 1.25, tries: int = 200):
@@ -561,20 +562,47 @@ def training_free_scores(groups: list[dict], encoder: Encoder) -> dict:
     return {"consensus (training-free)": score_maps([consensus_map(f, size) for f in feats], groups),
             "group-mean prototype": score_maps([group_mean_map(f, size) for f in feats], groups)}
 
-def rgb_pixel_scores(data: dict, test: list[dict], steps: int = 300, seed: int = 0) -> dict:
-    "The per-pixel RGB classifier (`seglab.baselines.fit_pixel_classifier`) trained on the training groups' masks."
+def rgb_pixel_maps(data: dict, test: list[dict], steps: int = 300, seed: int = 0) -> list[torch.Tensor]:
+    """The per-pixel RGB classifier (`seglab.baselines.fit_pixel_classifier`) trained on the training groups' masks:
+    its foreground probability maps [G,H,W] on the `test` groups."""
     x = torch.cat([g["images"] for g in data["train"]])
     y = torch.cat([g["masks"] for g in data["train"]]).long()
     clf = fit_pixel_classifier(x, y, 2, steps=steps, seed=seed)
     with torch.no_grad():
-        maps = [clf(g["images"]).softmax(1)[:, 1] for g in test]
-    return score_maps(maps, test)
+        return [clf(g["images"]).softmax(1)[:, 1] for g in test]
+
+def rgb_pixel_scores(data: dict, test: list[dict], steps: int = 300, seed: int = 0) -> dict:
+    "CoSODMeter scores of the per-pixel RGB classifier's maps (`rgb_pixel_maps`)."
+    return score_maps(rgb_pixel_maps(data, test, steps, seed), test)
+
+def object_oracle_maps(groups: list[dict], seed: int = 0) -> dict:
+    """Two single-image answers made from ToyWorld's truth (references, not methods) on groups with `distractors`:
+    `both objects` (common ∪ distractor mask: the perfect map of a network that finds the salient objects but cannot
+    tell which one the group shares) and `one object at random` (per image the common or the distractor mask, a fair
+    coin drawn with `seed`). Returns name -> list of [G,H,W] maps."""
+    g_ = torch.Generator().manual_seed(seed)
+    coin = [(torch.rand(len(g["masks"]), generator=g_) < 0.5).float().view(-1, 1, 1) for g in groups]
+    return {"both objects (truth)": [(g["masks"] + g["distractors"]).clamp(max=1) for g in groups],
+            "one object at random (truth)": [c * g["masks"] + (1 - c) * g["distractors"] for c, g in zip(coin, groups)]}
 
 def chance_scores(groups: list[dict]) -> dict:
     "Chance: a constant map (0.5 everywhere) scored by the same protocol."
     return score_maps([torch.full_like(g["masks"], 0.5) for g in groups], groups)
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #ef7dde9b
+def common_auroc(maps: list[torch.Tensor], groups: list[dict]) -> float:
+    """How well maps ([G,1 or -,h,w] per group, upsampled bilinearly to the masks' size) rank **common-object** pixels
+    above **distractor** pixels: the AUROC per image (`seglab.metrics.auroc`), averaged over images. 0.5: the map
+    cannot tell the two objects apart (it may still separate objects from the background)."""
+    aucs = []
+    for m_, g in zip(maps, groups):
+        m_ = m_.float().cpu().view(len(g["masks"]), 1, *m_.shape[-2:])
+        up = F.interpolate(m_, size=g["masks"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        for r, m, d in zip(up, g["masks"], g["distractors"]):
+            sel = (m > 0.5) | (d > 0.5)
+            aucs.append(auroc(r[sel], (m > 0.5)[sel]))
+    return float(np.nanmean(aucs))
+
 @torch.no_grad()
 def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
     """DPG against ToyWorld's truth on groups with `distractors`: **seed precision** (of the seeds that land on one
@@ -584,7 +612,7 @@ def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
     if model.dpg is None:
         raise ValueError("the model has no DPG (dpg=False): there are no seeds or R maps to measure")
     hit = miss = n_seeds = 0
-    aucs = []
+    Rs = []
     for g in groups:
         _, out = predict(model, g["images"], seed_fn)
         seeds, R = out["seeds"].cpu(), out["R"].cpu()
@@ -595,12 +623,9 @@ def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
         hit += int((on & (common > distr)).sum())
         miss += int((on & (distr > common)).sum())
         n_seeds += int(on.sum())
-        Rup = F.interpolate(R, size=g["masks"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        for r, m, d in zip(Rup, g["masks"], g["distractors"]):
-            sel = (m > 0.5) | (d > 0.5)
-            aucs.append(auroc(r[sel], (m > 0.5)[sel]))
+        Rs.append(R)
     return dict(seed_precision=hit / max(hit + miss, 1), on_object=(hit + miss) / max(n_seeds, 1),
-                r_auroc=float(np.nanmean(aucs)), seeds_per_image=n_seeds / sum(len(g["masks"]) for g in groups))
+                r_auroc=common_auroc(Rs, groups), seeds_per_image=n_seeds / sum(len(g["masks"]) for g in groups))
 
 def random_seeds(votes: torch.Tensor) -> torch.Tensor:
     "Breakage: one seed per image at a random pixel instead of the mined one."
@@ -627,15 +652,17 @@ def shuffle_groups(groups: list[dict]) -> list[dict]:
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #3b09f644
 CONFIG = dict(
-    common=dict(method="dcfm", dpg=True, dfe=True, scl=True, w_scl=0.1, backbone_lr_mult=0.1, shuffle_groups=True,
+    common=dict(method="dcfm", dpg=True, dfe=True, scl=True, w_scl=0.1, shuffle_groups=True,
                 init="kaiming", seed=0, device=None, ckpt_every=100),
     toy=dict(data="toy", root=None, backbone="toy_cnn", pretrained=True, cache=True, size=64, width=16, group_size=5,
              max_num=5, n_train=60, n_val=0, n_test=16, difficulty=0.3, palette="class", lookalike=0.3,
-             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", qk_init="tied", iters=300, lr=1e-4, amp=False, val_every=0, log_every=10,
+             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", qk_init="tied", iters=900, lr=1e-3,
+             backbone_lr_mult=1.0, amp=False, val_every=0, log_every=10,
              train_set=None, test_sets=(), max_images=None),
     full=dict(data="cosod", root=None, backbone="vgg16", pretrained=True, cache=False, size=224, width=64,
               group_size=None, max_num=16, n_train=None, n_val=8, n_test=None, difficulty=None, palette=None,
-              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", qk_init="independent", iters=8000, lr=1e-4, amp=True, val_every=500,
+              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", qk_init="independent", iters=8000, lr=1e-4,
+              backbone_lr_mult=0.1, amp=True, val_every=500,
               log_every=50, train_set="coco_seg", test_sets=("coca", "cosal2015"), max_images=60),
 )
 
