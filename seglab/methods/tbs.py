@@ -345,11 +345,11 @@ CONFIG = dict(
                 difficulty=0.5, palette="class", support_lookalike=0.5, bg_similarity=0.0,  # ToyWorld knobs
                 query_distractors=0, support_colour=1.0),                                                       # (full ignores them)
     toy=dict(benchmark="toyworld", backbone="toy_cnn", pretrained=True, size=64, input_size=64, widths=(8, 16, 32),
-             optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0, batch=8, steps=200, n_train=150, n_test=60, amp=False,
-             augment=False, workers=0, train_list=None, data_root=None),
+             optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0, batch=8, steps=200, n_train=150, n_test=60,
+             amp=False, augment=False, workers=0, train_list=None, data_root=None),
     full=dict(benchmark="pascal", backbone="resnet50.a1h_in1k", pretrained=True, size=320, input_size=320,
-              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, batch=8, steps=3000, n_train=None,
-              n_test=1000, amp=None, augment=False, workers=4, train_list="voc_sbd_merge_noduplicate.txt",
+              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, batch=8, steps=3000,
+              n_train=None, n_test=1000, amp=None, augment=False, workers=4, train_list="voc_sbd_merge_noduplicate.txt",
               data_root=None),
 )
 
@@ -451,8 +451,8 @@ def train(cfg, data=None, callbacks=(), ckpt=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(params, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    history = fit(model, lambda m, b: train_step(m, b, cfg.fg_weight), loader, opt, steps=cfg.steps, amp=cfg.amp, seed=cfg.seed, device=device,
-                  callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, desc="DCAMA+TBS" if cfg.tbs else "DCAMA")
+    history = fit(model, lambda m, b: train_step(m, b, cfg.fg_weight), loader, opt, steps=cfg.steps, amp=cfg.amp,
+                  seed=cfg.seed, device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, desc="DCAMA+TBS" if cfg.tbs else "DCAMA")
     return model.eval(), history
 
 @torch.no_grad()
@@ -553,8 +553,9 @@ def suppression_auroc(model: TBSNet, batches: list[dict], variant: str = "tbs", 
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
     """Train DCAMA + TBS and plain DCAMA (the paper's baseline) in `profile`; TBS's held-out 1-shot mIoU on episodes
     whose support background holds a look-alike of the target (toy; full: the fold's test episodes), beside chance,
-    DCAMA and the training-free matching probe; `baseline_name` / `baseline` name the stronger of the two. `ckpt`: TBS's checkpoint path (DCAMA's is `<stem>-dcama<suffix>`);
-    an existing file resumes; a run that starts TBS afresh deletes a stale DCAMA checkpoint."""
+    DCAMA and the training-free matching probe; `baseline_name` / `baseline` name the stronger of the two. `ckpt`:
+    TBS's checkpoint path (DCAMA's is `<stem>-dcama<suffix>`); an existing file resumes; a run that starts TBS afresh
+    deletes a stale DCAMA checkpoint."""
     cfg = pick(CONFIG, profile)
     t0 = time.time()
     encoder = build_encoder(cfg)
