@@ -68,6 +68,7 @@ def test_tour_returns_the_contract_and_resumes(tmp_path, monkeypatch):
     first = tbs.tour("toy", ckpt=ckpt)
     assert {"metric", "value", "chance", "baseline_name", "baseline"} <= set(first)
     assert isinstance(first["baseline_name"], str) and 0 <= first["baseline"] <= 1 and 0 <= first["value"] <= 1
+    assert first["baseline"] == max(first["dcama"], first["matching_probe"])      # the stronger simple baseline
     assert ckpt.exists() and (tmp_path / "tbs-toy-dcama.pt").exists()
     second = tbs.tour("toy", ckpt=ckpt)                              # both runs finished: resumed as they are
     assert (second["value"], second["baseline"]) == (first["value"], first["baseline"])
@@ -87,6 +88,29 @@ def test_bench_case_takes_a_step(cached, monkeypatch):
     case["run"]()
     assert case["batch"] == 2 and len(calls) == (0 if cached else 2)
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+
+
+# --- the toy's loss: small objects, foreground weighted --------------------------------------------------------------
+def test_toy_loss_weights_the_foreground(monkeypatch):
+    """With plain CE the toy's small targets (about 6% of the pixels) taught both matchers to say "background" (held-out
+    mIoU below the all-foreground chance mask): the toy profile weights the foreground by about its inverse pixel
+    frequency, the full profile keeps the official plain CE, and training passes the weight to the loss."""
+    toy, full = pick(tbs.CONFIG, "toy"), pick(tbs.CONFIG, "full")
+    assert full.fg_weight == 1.0
+    eps = tbs.make_episodes(toy, True, 30, 1)
+    fg = float(torch.stack([e["query_mask"] for e in eps]).eq(1).float().mean())
+    assert 0.5 * (1 - fg) / fg <= toy.fg_weight <= 2 * (1 - fg) / fg, fg
+    g = torch.Generator().manual_seed(0)
+    logits, mask = torch.randn(2, 2, 8, 8, generator=g), (torch.rand(2, 8, 8, generator=g) < 0.2).long()
+    nll = -logits.log_softmax(1).gather(1, mask[:, None])[:, 0]
+    w = 1 + 3.0 * mask
+    assert torch.allclose(tbs.seg_ce(logits, mask, 4.0), (w * nll).sum() / w.sum())
+    assert torch.allclose(tbs.seg_ce(logits, mask), nll.mean())
+    seen = []
+    ce = tbs.seg_ce
+    monkeypatch.setattr(tbs, "seg_ce", lambda lo, m, fg_weight=1.0, **k: seen.append(fg_weight) or ce(lo, m, fg_weight, **k))
+    tbs.train(pick(tbs.CONFIG, "toy").replace(steps=1, n_train=4, batch=2))
+    assert seen == [toy.fg_weight]
 
 
 # --- the mechanism check fails under each breakage (untrained weights: |w|-initialised ScoreMap) -------------------
