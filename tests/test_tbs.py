@@ -6,41 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from seglab.config import pick
 from seglab.methods import tbs
 
+from _helpers import pascal5i_layout
 from interrupt import Stop, StopAt
 
 DATA = Path(os.environ.get("SEGLAB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 VOC = DATA / "voc_samples"
-VAL_STEMS = ("voc2012val_crop_001", "voc2012val_crop_114")          # classes 1 (aeroplane) and 3 (bird): fold 0's test
-
-
-def pascal5i_layout(root: Path, copies: int = 4) -> None:
-    """The VOC samples laid out as the registry lays out PASCAL-5i (`voc2012/VOCdevkit/VOC2012` with val.txt,
-    `voc_aug/SegmentationClassAug`, `pascal5i/voc_sbd_merge_noduplicate.txt`), each sample `copies` times (odd
-    copies flipped) so that every class has several images."""
-    voc = root / "voc2012" / "VOCdevkit" / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / d).mkdir(parents=True, exist_ok=True)
-    aug = root / "voc_aug" / "SegmentationClassAug"
-    aug.mkdir(parents=True)
-    (root / "pascal5i").mkdir()
-    val, train = [], []
-    for p in sorted((VOC / "JPEGImages").glob("*.jpg")):
-        im, lab = Image.open(p), Image.open(VOC / "SegmentationClass" / f"{p.stem}.png")
-        for k in range(copies):
-            sid = f"{p.stem}_{k}"
-            a, b = (im, lab) if k % 2 == 0 else (im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT))
-            a.save(voc / "JPEGImages" / f"{sid}.jpg")
-            for d in (voc / "SegmentationClass", aug):
-                b.save(d / f"{sid}.png")
-            (val if p.stem in VAL_STEMS else train).append(sid)
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val) + "\n")
-    (root / "pascal5i" / "voc_sbd_merge_noduplicate.txt").write_text(
-        "".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in train))
 
 
 # --- resume contract -----------------------------------------------------------------------------------------------
@@ -138,7 +112,7 @@ def test_test_episodes_name_their_condition():
 
 @pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC samples not found at {VOC} (set SEGLAB_SHARED_DATA)")
 def test_full_profile_test_episodes_need_no_condition(tmp_path):
-    pascal5i_layout(tmp_path)
+    pascal5i_layout(tmp_path, VOC)
     cfg = pick(tbs.CONFIG, "full").replace(data_root=str(tmp_path / "voc2012"), pretrained=False)
     test = tbs.make_episodes(cfg, False, 2, 1)
     assert len(test) == 2 and test[0]["support_images"].shape == (1, 3, 320, 320)
@@ -149,7 +123,7 @@ def test_full_profile_test_episodes_need_no_condition(tmp_path):
 @pytest.mark.skipif("slow" not in os.environ.get("SEGLAB_FLAGS", "").split(),
                     reason="slow (ResNet-50 at 320 px on CPU, over a minute on the shared 2-core CPU): SEGLAB_FLAGS=slow")
 def test_full_config_one_step_on_real_samples(tmp_path):
-    pascal5i_layout(tmp_path)
+    pascal5i_layout(tmp_path, VOC)
     full = pick(tbs.CONFIG, "full")
     cfg = full.replace(data_root=str(tmp_path / "voc2012"), pretrained=False, steps=1)
     changed = ("data_root", "steps", "pretrained")
