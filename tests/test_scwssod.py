@@ -135,6 +135,19 @@ def test_scene_knobs_keep_default_scenes_and_move_the_object():
         sc.ScribbleSaliencyScenes(2, bg_contrast=1.5)
 
 
+def test_noise_knob_keeps_default_scenes_and_raises_coherence():
+    base = sc.stack_scenes(sc.ScribbleSaliencyScenes(6, size=40, seed=1))
+    same = sc.stack_scenes(sc.ScribbleSaliencyScenes(6, size=40, seed=1, noise=0.02))
+    assert all(torch.equal(base[k], same[k]) for k in base)                 # 0.02 is ToyWorld's noise: unchanged
+    quiet = sc.stack_scenes(sc.ScribbleSaliencyScenes(6, size=40, seed=1, noise=0.005))
+    assert torch.equal(quiet["mask"], base["mask"]) and torch.equal(quiet["scribble"], base["scribble"])
+    assert not torch.equal(quiet["image"], base["image"])
+    coh = [sc.kernel_coherence(d["image"], d["mask"], 1.0, 3.0, 0.1, 3) for d in (quiet, base)]
+    assert coh[0]["object"] > coh[1]["object"] + 0.2                        # the noise is what caps the plain object
+    with pytest.raises(ValueError, match="noise"):
+        sc.ScribbleSaliencyScenes(2, noise=-0.1)
+
+
 def test_kernel_coherence_flat_vs_noise():
     flat = torch.full((2, 3, 16, 16), 0.5)
     noisy = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -156,6 +169,24 @@ def test_train_and_evaluate_toy():
     assert {"pce", "lsc", "ssc"} <= set(rec[0]) and np.isfinite(rec[-1]["loss"])
     scores = sc.evaluate(run["model"], cfg, run["data"]["test"])
     assert 0 <= scores["fm"] <= 1 and 0 <= scores["mae"] <= 1 and "far_recall" in scores
+
+
+def test_mask_oracle_trains_on_every_pixel_of_the_mask(monkeypatch):
+    cfg = tiny(steps=2, ssc=True)
+    data = sc.make_data(cfg)
+    seen = {}
+    def fake_train(c, d, *a, **k):
+        seen.update(cfg=c, data=d)
+        return dict(model=None)
+    monkeypatch.setattr(sc, "train", fake_train)
+    sc.mask_oracle(cfg, data)
+    scr = seen["data"]["train"]["scribble"]
+    assert (scr != 255).all() and torch.equal(scr, (data["train"]["mask"] > 0.5).long())   # dense labels = the mask
+    assert seen["cfg"].lsc_weight == 0 and not seen["cfg"].ssc and seen["cfg"].steps == cfg.steps
+    assert (data["train"]["scribble"] == 255).any()                                            # input left untouched
+    monkeypatch.undo()
+    run = sc.mask_oracle(cfg, data)
+    assert 0 <= sc.evaluate(run["model"], cfg, data["test"])["fm"] <= 1
 
 
 def test_resume_equals_uninterrupted(tmp_path):

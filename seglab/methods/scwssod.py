@@ -30,8 +30,8 @@ __all__ = ['HEAD_WEIGHTS', 'CONFIG', 'BREAKAGES', 'ScribbleSaliencyScenes', 'sta
            'HeadAttention', 'GlobalContext', 'AGGM', 'SRM', 'SCWSSODNet', 'build_model', 'scwssod_losses', 'train_step',
            'triangle', 'make_optimizer', 'kernel_leak', 'kernel_coherence', 'voc_salient_crops', 'sod_stack',
            'make_data', 'scribble_batches', 'train', 'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features',
-           'pixel_baseline', 'chance_maps', 'baseline_scores', 'score_table', 'breakage_report', 'chance_scores',
-           'tour', 'bench_case']
+           'pixel_baseline', 'chance_maps', 'baseline_scores', 'mask_oracle', 'score_table', 'breakage_report',
+           'chance_scores', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #7f457758
 class ScribbleSaliencyScenes(ToyDataset):
@@ -40,12 +40,14 @@ class ScribbleSaliencyScenes(ToyDataset):
     salient object is one plain-coloured shape of radius `radius` (fractions of `size`; with the class's thin part)
     whose centre is drawn uniformly in `centre` (fractions of `size`, per axis; the default keeps it near the image
     centre), over textured stuff with `clutter` (min, max) small objects. `bg_contrast` < 1 scales the stuff's
-    texture about each stuff region's mean colour before the objects and the light (1 = ToyWorld's texture). The fg scribble is one straight stroke of
+    texture about each stuff region's mean colour before the objects and the light (1 = ToyWorld's texture);
+    `noise` is the light's per-pixel Gaussian noise (ToyWorld's 0.02). The fg scribble is one straight stroke of
     half-length `fg_length`·`size` inside the eroded object; the bg scribble two strokes of `bg_length`."""
     view = "saliency"
     def __init__(self, n: int, size: int = 40, seed: int = 0, fg_length: float = 0.1, bg_length: float = 0.45,
                  clutter: tuple[int, int] = (0, 3), centre: tuple[float, float] = (0.4, 0.6),
-                 radius: tuple[float, float] = (0.24, 0.32), bg_contrast: float = 1.0):
+                 radius: tuple[float, float] = (0.24, 0.32), bg_contrast: float = 1.0,
+                 noise: float = 0.02):
         super().__init__(n, seed)
         if not 0 < fg_length <= 1 or not 0 < bg_length <= 1:
             raise ValueError(f"fg_length={fg_length} and bg_length={bg_length} must lie in (0, 1] (fractions of the size)")
@@ -55,7 +57,9 @@ class ScribbleSaliencyScenes(ToyDataset):
         self.size, self.fg_length, self.bg_length, self.clutter = size, fg_length, bg_length, clutter
         if not 0 <= bg_contrast <= 1:
             raise ValueError(f"bg_contrast={bg_contrast} must lie in [0, 1] (1 = ToyWorld's stuff texture)")
-        self.centre, self.radius, self.bg_contrast = centre, radius, bg_contrast
+        if noise < 0:
+            raise ValueError(f"noise={noise} must be >= 0 (the light's Gaussian noise, ToyWorld's 0.02)")
+        self.centre, self.radius, self.bg_contrast, self.noise = centre, radius, bg_contrast, noise
 
     def sample(self, rng, i):
         size = self.size
@@ -64,7 +68,7 @@ class ScribbleSaliencyScenes(ToyDataset):
                    for _ in range(int(rng.integers(self.clutter[0], self.clutter[1] + 1)))]
         main = sample_object(rng, size, int(rng.integers(NUM_STUFF, NUM_CLASSES)), self.radius, palette="shared")
         main.update(texture=0, cy=float(rng.uniform(*self.centre) * size), cx=float(rng.uniform(*self.centre) * size))
-        light = dict(gain=float(rng.uniform(0.9, 1.05)), gy=0.0, gx=0.0, noise=0.02)
+        light = dict(gain=float(rng.uniform(0.9, 1.05)), gy=0.0, gx=0.0, noise=self.noise)
         spec = dict(size=size, stuff=stuff, objects=clutter + [main], light=light)
         img, sem, inst = render_scene(spec, rng) if self.bg_contrast == 1 else self.render_flatter(spec, rng)
         fg = inst == len(spec["objects"])
@@ -565,6 +569,13 @@ def baseline_scores(data: dict, cfg) -> dict:
             "pixel classifier (toy-CNN features)": pixel_baseline(tr, te, toy_cnn_features, seed=cfg.seed),
             **chance_maps(te)}
     return {k: saliency_scores(v, te["mask"], te["scribble"], cfg.far_px) for k, v in maps.items()}
+
+def mask_oracle(cfg, data: dict) -> dict:
+    """The ceiling of every scribble loss at `cfg`'s network, data and budget: the same network trained on
+    `data['train']` with the balanced CE on the **full masks** (every pixel labelled, LSC and SSC off). Returns
+    `train`'s dict. A loss that adds labels (LSC) can at best bring the pCE-only network up to this one."""
+    tr = dict(data["train"], scribble=(data["train"]["mask"] > 0.5).long())
+    return train(cfg.replace(lsc_weight=0.0, ssc=False), dict(data, train=tr))
 
 def score_table(rows: dict) -> None:
     "Print max F_β (mean PR), MAE and the far-from-scribble mechanism for each named result."
