@@ -19,6 +19,7 @@ from ..config import atomic_path, get_device, get_profile, pick, seed_everything
 from ..data.datasets import CoSaliencyGroups as CoSODFolders
 from ..data.datasets import YOLOSegmentation, read_image, resize_image, resize_mask, sample_data_dir
 from ..engine import fit
+from ..bench import step_case
 from ..metrics import auroc, SaliencyMeter
 from ..toyworld import NUM_CLASSES, NUM_STUFF, ToyDataset, lookalikes, render_scene, sample_object, sample_scene
 
@@ -719,11 +720,4 @@ def bench_case(cfg, cached: bool = True) -> dict:
             batch["frozen"] = model.encoder.frozen(batch["images"])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4,
                            betas=(0.9, 0.99))
-
-    def run():
-        with torch.autocast(device.type, dtype=torch.float16, enabled=bool(cfg.amp) and device.type == "cuda"):
-            loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return dict(run=run, batch=G)
+    return step_case(lambda: train_step(model, batch, cfg), opt, G, amp=cfg.amp, device=device)

@@ -20,6 +20,7 @@ from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import DAVIS
 from ..engine import fit
+from ..bench import step_case
 from ..metrics import boundary_f, davis_objects, davis_summary, region_j
 from ..toyworld import ToyVideos, boxes_of, toy_detections
 
@@ -544,8 +545,4 @@ def bench_case(cfg, cached=None) -> dict:
     model = build_model(cfg).to(get_device(cfg.device))
     standardise(model, data, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_actor)
-    def run():
-        opt.zero_grad()
-        train_step(model, torch.tensor(0), cfg, data)["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=1)
+    return step_case(lambda: train_step(model, torch.tensor(0), cfg, data), opt, 1)

@@ -19,6 +19,7 @@ from ..baselines import fit_pixel_classifier
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import SODDataset, VOCSegmentation, resize_image, resize_mask, sample_data_dir
 from ..engine import fit
+from ..bench import step_case
 from ..metrics import SaliencyMeter
 from ..toyworld import (NUM_CLASSES, NUM_STUFF, ToyDataset, _meta, apply_light, paint_object, render_scene,
                              render_stuff, sample_object, sample_stuff, scribble_of)
@@ -644,10 +645,4 @@ def bench_case(cfg, cached=None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
     opt, _ = make_optimizer(model, cfg)
-
-    def run():
-        loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return dict(run=run, batch=cfg.batch)
+    return step_case(lambda: train_step(model, batch, cfg), opt, cfg.batch)

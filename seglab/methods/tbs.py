@@ -19,6 +19,7 @@ from ..backbones import IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, nor
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
 from ..engine import derive_seed, fit, to_device
+from ..bench import step_case
 from ..fewshot import FrozenReader, epoch_loader, fold_class_ids, matching_probe, resize_input
 from ..metrics import auroc, FewShotIoU
 from ..toyworld import (FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
@@ -608,9 +609,4 @@ def bench_case(cfg, cached: bool = True) -> dict:
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(params, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
-    def run():
-        out = train_step(model, feats if cached else batch, cfg.fg_weight)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return dict(run=run, batch=B)
+    return step_case(lambda: train_step(model, feats if cached else batch, cfg.fg_weight), opt, B)
