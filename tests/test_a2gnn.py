@@ -107,6 +107,16 @@ def test_consistency_check_fires_only_when_centred():
     assert rm[0, 1:3].all() and rm.sum() == 8
 
 
+def test_checking_waits_for_check_from():
+    """Consistency checking starts at step `check_from`: on a random, untrained embedding (step 0) the centred check
+    removes seeds whatever their class; with `check_from` past the last step nothing is removed, and a check from the
+    middle of training removes fewer seeds than a check from step 0 (the removals are cumulative)."""
+    cfg = tiny(n_train=2, steps1=3, steps2=3, crf=None)
+    run = a2gnn.train(cfg)
+    rm = lambda k: int(a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg, check_from=k)["removed"].sum())
+    assert rm(0) > 0 and rm(6) == 0 and rm(3) < rm(0)
+
+
 def test_node_features_go_through_the_feature_cache(tmp_path, monkeypatch):
     "graph_inputs computes the frozen node features once per (backbone weights, scale, images), then reads the cache."
     monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
