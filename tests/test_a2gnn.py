@@ -158,7 +158,7 @@ def test_full_config_one_step_on_voc_samples():
     """The full CONFIG unchanged except data root, steps and pretrained=False, at full size (320 px, 40x40 graphs,
     ResNet-50 OS8, hidden 256) on the three labelme VOC samples (boxes from SegmentationObject: they have no XML)."""
     cfg = pick(a2gnn.CONFIG, "full").replace(data_root=str(VOC), pretrained=False, aff_steps=1, steps1=1, steps2=1,
-                                             device="cpu")
+                                             check_from=1, device="cpu")   # checking at stage 2's one step, as in full
     run = a2gnn.train(cfg)
     assert run["graph"]["feats"].shape[-2:] == (40, 40) and len(run["data"]["image"]) == 3
     out = a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg)
