@@ -107,6 +107,16 @@ def test_consistency_check_fires_only_when_centred():
     assert rm[0, 1:3].all() and rm.sum() == 8
 
 
+def test_checking_waits_for_check_from():
+    """Consistency checking starts at step `check_from`: on a random, untrained embedding (step 0) the centred check
+    removes seeds whatever their class; with `check_from` past the last step nothing is removed, and a check from the
+    middle of training removes fewer seeds than a check from step 0 (the removals are cumulative)."""
+    cfg = tiny(n_train=2, steps1=3, steps2=3, crf=None)
+    run = a2gnn.train(cfg)
+    rm = lambda k: int(a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg, check_from=k)["removed"].sum())
+    assert rm(0) > 0 and rm(6) == 0 and rm(3) < rm(0)
+
+
 def test_node_features_go_through_the_feature_cache(tmp_path, monkeypatch):
     "graph_inputs computes the frozen node features once per (backbone weights, scale, images), then reads the cache."
     monkeypatch.setenv("SEGLAB_CACHE", str(tmp_path))
@@ -148,7 +158,7 @@ def test_full_config_one_step_on_voc_samples():
     """The full CONFIG unchanged except data root, steps and pretrained=False, at full size (320 px, 40x40 graphs,
     ResNet-50 OS8, hidden 256) on the three labelme VOC samples (boxes from SegmentationObject: they have no XML)."""
     cfg = pick(a2gnn.CONFIG, "full").replace(data_root=str(VOC), pretrained=False, aff_steps=1, steps1=1, steps2=1,
-                                             device="cpu")
+                                             check_from=1, device="cpu")   # checking at stage 2's one step, as in full
     run = a2gnn.train(cfg)
     assert run["graph"]["feats"].shape[-2:] == (40, 40) and len(run["data"]["image"]) == 3
     out = a2gnn.pseudo_labels(run["model"], run["data"], run["graph"], cfg)

@@ -344,8 +344,8 @@ def balanced_ce(up: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/20_weak/23_a2gnn.ipynb #cac97522
 def fit_a2gnn(h0, A, win, seeds, boxes, labels, K, cfg, hw, keep=None):
-    """Per-image A2GNN training (stage 1: CE_bg + CE_fg + L_mp with consistency checking; stage 2: + w_crf L_gcrf),
-    then prediction. h0 [B,N,D] node features (L1-normalised), A [B,N,N] affinities, win [N,N], seeds [B,H,W],
+    """Per-image A2GNN training (stage 1: CE_bg + CE_fg + L_mp; stage 2: + w_crf L_gcrf; consistency checking from
+    step `cfg.check_from`), then prediction. h0 [B,N,D] node features (L1-normalised), A [B,N,N] affinities, win [N,N], seeds [B,H,W],
     K [B,n_off,h,w] the Potts kernel, hw the graph grid. `keep` (a dict) receives the trained model's P matrices. Returns dict(prob [B,K,H,W], labels (after checking), removed)."""
     B, N, D = h0.shape
     H, W = seeds.shape[-2:]
@@ -367,7 +367,7 @@ def fit_a2gnn(h0, A, win, seeds, boxes, labels, K, cfg, hw, keep=None):
             pts = mp_points(up, fb, cfg.points, g)
             lmp, mu = mp_loss(up, hmap, fb, pts, B)
             loss = loss + lmp
-            if cfg.checking != "off":
+            if cfg.checking != "off" and t >= cfg.check_from:
                 base = seeds if cfg.checking == "fresh" else lab
                 rm = consistency_check(base, hmap.detach(), mu, fb, cfg.check_sign, cfg.check_center == "image")
                 lab = base.masked_fill(rm, 255)
@@ -392,10 +392,10 @@ CONFIG = dict(
                 ckpt_every=50, log_every=10),
     toy=dict(data="toy", data_root=None, n_train=16, size=64, difficulty=0.75, classes=9, backbone="toy_cnn_shape",
              pretrained=True, feat_scale=2.0, head_dims=(8, 16, 32), aff_steps=40, aff_batch=8, aff_lr=1e-2,
-             aff_optim="adam", hidden=32, steps1=50, steps2=50, gnn_batch=16),
+             aff_optim="adam", hidden=32, steps1=50, steps2=50, check_from=50, gnn_batch=16),
     full=dict(data="voc", data_root=None, n_train=300, size=320, difficulty=None, classes=21, backbone="resnet50",
               pretrained=True, feat_scale=1.0, head_dims=(64, 128, 256), aff_steps=366, aff_batch=4, aff_lr=1e-2,
-              aff_optim="sgd", hidden=256, steps1=100, steps2=100, gnn_batch=8),
+              aff_optim="sgd", hidden=256, steps1=100, steps2=100, check_from=100, gnn_batch=8),
 )
 
 
@@ -525,7 +525,7 @@ def build_graphs(model: AffinityHead, graph: dict, cfg) -> dict:
 
 def pseudo_labels(model: AffinityHead, data: dict, graph: dict, cfg, **changes) -> dict:
     """A2GNN pseudo labels of every training image (`fit_a2gnn` on chunks of `gnn_batch` images). `changes` override
-    cfg keys (ablations: attention, mp, points, checking, check_sign, check_center, w_crf). Returns dict(prob, pred,
+    cfg keys (ablations: attention, mp, points, checking, check_sign, check_center, check_from, w_crf). Returns dict(prob, pred,
     labels, removed); with `cfg.crf` (a `seglab.crf.CRF_PARAMS` name, A2GNN's `mytool.py:233-235` by default) also
     `prob_crf`, `pred_crf`: the DenseCRF of the softmax on the image, as the code's output (None: no CRF)."""
     cfg = cfg.replace(**changes)
