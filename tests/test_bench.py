@@ -99,7 +99,7 @@ def test_step_case_amp(amp, dtype):
 
 # chapters whose bench_case still writes its own backward/step (their notebooks were owned by other helpers when
 # step_case arrived); remove a slug once its bench_case returns step_case(...)
-OWN_STEP = {"a2gnn", "cgdetr"}
+OWN_STEP = {"cgdetr"}
 
 
 def test_chapters_build_their_bench_step_with_step_case():

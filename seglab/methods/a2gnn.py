@@ -19,6 +19,7 @@ from ..config import get_device, get_profile, pick, seed_everything
 from ..crf import dense_crf
 from ..data.datasets import VOCSegmentation
 from ..engine import fit, lr_schedule
+from ..bench import step_case
 from ..metrics import confusion_matrix, scores_from_confusion
 from ..toyworld import NUM_STUFF, SemanticScenes
 
@@ -639,9 +640,4 @@ def bench_case(cfg, cached=None) -> dict:
                  y=torch.randint(cfg.classes, (B, s, s), generator=g).to(device),
                  K_aff=torch.rand(B, (2 * cfg.radius + 1) ** 2, s, s, generator=g).to(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.aff_lr, momentum=0.9)
-    def run():
-        loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return dict(run=run, batch=B)
+    return step_case(lambda: train_step(model, batch, cfg), opt, B)
