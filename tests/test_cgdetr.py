@@ -77,6 +77,26 @@ def test_matcher_is_optimal_and_random_assignment_is_caught():
         assert float(cost[i, j].sum()) <= best + 1e-5
 
 
+def test_decoder_is_conditional_detr_with_spread_anchors(monkeypatch):
+    """The official DAB/conditional decoder: the cross-attention query and key are the per-head concatenation of a
+    content and a position part (width 2d), and the anchors start spread over the video (nn.Embedding's N(0, 1)
+    before the sigmoid). Fails on an additive-position decoder and on anchors drawn from U(0, 1) (all centres in
+    (0.5, 0.73))."""
+    cfg = tiny()
+    b = random_batch(cfg)
+    torch.manual_seed(0)
+    net = cg.build_model(cfg).eval()
+    widths = []
+    real = cg.attend
+    monkeypatch.setattr(cg, "attend", lambda q, k, v, h, pad=None: widths.append((q.shape[-1], k.shape[-1], v.shape[-1])) or real(q, k, v, h, pad))
+    with torch.no_grad():
+        net(b["video"], b["vmask"], b["words"], b["tmask"])
+    assert widths.count((2 * cfg.d, 2 * cfg.d, cfg.d)) == cfg.dec_layers          # one cross-attention per layer
+    assert widths.count((cfg.d, cfg.d, cfg.d)) == cfg.dec_layers                  # and one self-attention
+    centres = net.anchors.sigmoid()[:, 0]
+    assert centres.min() < 0.4 and centres.max() > 0.6
+
+
 def test_orthogonal_loss():
     assert cg.orthogonal_loss(torch.eye(5)) < 1e-6
     x = torch.randn(4, 8)
@@ -212,6 +232,18 @@ def test_evaluate_and_baselines_give_qvhighlights_metrics():
     assert all(0 <= v <= 100 for v in scores.values())
     prior = cg.headline(cg.prior_predictions(data["train"], data["val"]), data["val"]["gt"])
     assert 0 <= prior["R1@0.5"] <= 100
+
+
+def test_step_curve_scores_the_model_a_shorter_run_ends_with():
+    "The curve's point at step s equals a run of s steps (the lr is constant), so the seeds table can read it."
+    cfg = tiny(steps=2)
+    data = cg.make_data(cfg)
+    short = cg.evaluate(cg.train(cfg, data)["model"], cfg, data["val"])
+    curve = cg.step_curve(tiny(), 0, steps=4, every=2)
+    assert list(curve) == [2, 4, "baselines"] and {"prior", "per-clip scorer"} == set(curve["baselines"])
+    assert {k: curve[2][k] for k in short} == short and "swapped R1@0.5" in curve[4] and "e_gap" in curve[4]
+    with pytest.raises(ValueError, match="multiple"):
+        cg.step_curve(tiny(), 0, steps=5, every=2)
 
 
 def test_tour_forwards_ckpt_and_reports_baseline(tmp_path, monkeypatch):

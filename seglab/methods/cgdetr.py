@@ -23,13 +23,14 @@ from ..toyworld import CLIP_LEN, GROUNDING_VOCAB, GroundingVideos
 
 # %% auto #0
 __all__ = ['BATCH_KEYS', 'CONFIG', 'LinearLayer', 'input_proj', 'temporal_endpoints', 'sine_embed', 'video_pos', 'drop',
-           'Attention', 'FFN', 'EncoderLayer', 'T2VLayer', 'engagement', 'mlp', 'inverse_sigmoid', 'DecoderLayer',
-           'CGDETR', 'span_cxw_to_xx', 'span_xx_to_cxw', 'giou_1d', 'match_cost', 'hungarian_assign', 'set_loss',
-           'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'ms_align_loss', 'distill_loss', 'orthogonal_loss',
-           'toy_split', 'RandomFeatures', 'qvh_text_feats', 'qvh_split', 'make_data', 'take', 'batch_stream',
-           'mismatched_queries', 'cgdetr_losses', 'build_model', 'train_step', 'train', 'predict', 'headline',
-           'evaluate', 'prior_predictions', 'ClipScorer', 'train_clip_scorer', 'windows_from_scores',
-           'clip_scorer_predictions', 'chance_predictions', 'engagement_report', 'seed_row', 'tour', 'bench_case']
+           'Attention', 'FFN', 'EncoderLayer', 'T2VLayer', 'engagement', 'mlp', 'inverse_sigmoid', 'attend',
+           'DecoderLayer', 'CGDETR', 'span_cxw_to_xx', 'span_xx_to_cxw', 'giou_1d', 'match_cost', 'hungarian_assign',
+           'set_loss', 'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'ms_align_loss', 'distill_loss',
+           'orthogonal_loss', 'toy_split', 'RandomFeatures', 'qvh_text_feats', 'qvh_split', 'make_data', 'take',
+           'batch_stream', 'mismatched_queries', 'cgdetr_losses', 'build_model', 'train_step', 'train', 'predict',
+           'headline', 'evaluate', 'prior_predictions', 'ClipScorer', 'train_clip_scorer', 'windows_from_scores',
+           'clip_scorer_predictions', 'chance_predictions', 'engagement_report', 'seed_row', 'step_curve', 'tour',
+           'bench_case']
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #2bf91058
 class LinearLayer(nn.Module):
@@ -137,17 +138,41 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     x = x.clamp(eps, 1 - eps)
     return torch.log(x / (1 - x))
 
+def attend(q, k, v, heads: int, pad=None) -> torch.Tensor:
+    "Multi-head scaled dot-product attention on already projected q [B,Lq,Dq], k [B,Lk,Dq], v [B,Lk,D] (no weights kept)."
+    B, Lq, _ = q.shape
+    split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)
+    Q, K, V = split(q), split(k), split(v)
+    logits = Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1])
+    if pad is not None:
+        logits = logits.masked_fill(pad[:, None, None, :], float("-inf"))
+    return (logits.softmax(-1) @ V).transpose(1, 2).reshape(B, Lq, -1)
+
 class DecoderLayer(nn.Module):
-    "Anchor-DETR decoder layer: self-attention among the queries, cross-attention to the clips, FFN (post-norm)."
+    """Conditional-DETR decoder layer (the official DAB decoder): self-attention among the queries (content + anchor
+    position), then cross-attention to the clips whose query and key are, per head, the **concatenation** of a content
+    part and a position part (the anchor's sine embedding against the clips' positions); FFN; post-norm."""
     def __init__(self, d: int, heads: int, ff: int, dropout: float):
         super().__init__()
-        self.sa, self.ca, self.ffn = Attention(d, heads), Attention(d, heads), FFN(d, ff, dropout)
+        self.h = heads
+        lin = lambda: nn.Linear(d, d)
+        self.sa_qc, self.sa_qp, self.sa_kc, self.sa_kp, self.sa_v, self.sa_o = (lin() for _ in range(6))
+        self.ca_qc, self.ca_qp, self.ca_kc, self.ca_kp, self.ca_v, self.ca_qs, self.ca_o = (lin() for _ in range(7))
+        self.ffn = FFN(d, ff, dropout)
         self.n1, self.n2, self.n3, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d), drop(dropout)
-    def forward(self, tgt, qpos, mem, mpos, pad):
-        q = tgt + qpos
-        tgt = self.n1(tgt + self.drop(self.sa(q, q, tgt)[0]))
-        tgt = self.n2(tgt + self.drop(self.ca(tgt + qpos, mem + mpos, mem, pad)[0]))
+    def forward(self, tgt, qpos, qsine, mem, mpos, pad, first: bool = False):
+        B, Q, d = tgt.shape
+        a = attend(self.sa_qc(tgt) + self.sa_qp(qpos), self.sa_kc(tgt) + self.sa_kp(qpos), self.sa_v(tgt), self.h)
+        tgt = self.n1(tgt + self.drop(self.sa_o(a)))
+        qc, kc, kp = self.ca_qc(tgt), self.ca_kc(mem), self.ca_kp(mpos)
+        if first:                                    # only the first layer also adds the positions to the content parts
+            qc, kc = qc + self.ca_qp(qpos), kc + kp
+        per_head = lambda x: x.view(B, x.shape[1], self.h, -1)
+        q = torch.cat([per_head(qc), per_head(self.ca_qs(qsine))], -1).flatten(2)
+        k = torch.cat([per_head(kc), per_head(kp)], -1).flatten(2)
+        tgt = self.n2(tgt + self.drop(self.ca_o(attend(q, k, self.ca_v(mem), self.h, pad))))
         return self.n3(tgt + self.drop(self.ffn(tgt)))
+
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #1aa9ce45
 class CGDETR(nn.Module):
@@ -172,13 +197,16 @@ class CGDETR(nn.Module):
         self.sal_pos = nn.Parameter(torch.randn(d) * 0.02)
         self.encoder = nn.ModuleList([EncoderLayer(d, h, ff, p) for _ in range(cfg.enc_layers)])
         self.sal1, self.sal2 = nn.Linear(d, d), nn.Linear(d, d)
-        self.anchors = nn.Parameter(torch.rand(cfg.n_queries, 2))
-        self.ref_head = mlp(d, d, d, 2)
+        self.anchors = nn.Parameter(torch.randn(cfg.n_queries, 2))   # un-sigmoided (centre, width), N(0, 1) as nn.Embedding
+        self.ref_head, self.query_scale, self.ref_anchor_head = mlp(d, d, d, 2), mlp(d, d, d, 2), mlp(d, d, 1, 2)
         self.decoder = nn.ModuleList([DecoderLayer(d, h, ff, p) for _ in range(cfg.dec_layers)])
         self.dec_norm = nn.LayerNorm(d)
         self.class_head, self.span_head = nn.Linear(d, 2), mlp(d, d, 2, 3)
         nn.init.zeros_(self.span_head[-1].weight)
         nn.init.zeros_(self.span_head[-1].bias)
+        self.box_head = mlp(d, d, 2, 3)                  # the decoder's own anchor-refinement head (zero-initialised)
+        nn.init.zeros_(self.box_head[-1].weight)
+        nn.init.zeros_(self.box_head[-1].bias)
         self.sent_token, self.sent_pos = nn.Parameter(torch.randn(d) * 0.02), nn.Parameter(torch.randn(d) * 0.02)
         self.mom_token, self.mom_pos = nn.Parameter(torch.randn(d) * 0.02), nn.Parameter(torch.randn(d) * 0.02)
         self.sent_enc, self.mom_enc = EncoderLayer(d, h, ff, p), EncoderLayer(d, h, ff, p)
@@ -247,19 +275,22 @@ class CGDETR(nn.Module):
         return dict(v=v, w=w, pos=pos, dummies=dummies, A=A, e=e, mem=mem, mg=mg, S=S, prompt_score=pscore)
 
     def decode(self, mem, pos, vmask):
-        "Anchor decoder: fg/bg logits and (centre, width) spans of every layer."
+        "Anchor decoder (DAB / conditional DETR, as the official code): fg/bg logits and (centre, width) spans of every layer."
         B = len(mem)
         ref = self.anchors.sigmoid()[None].expand(B, -1, -1)
         tgt = torch.zeros(B, ref.shape[1], self.d, device=mem.device)
         logits, spans = [], []
-        for layer in self.decoder:
-            qpos = self.ref_head(sine_embed(ref, self.d // 2).flatten(-2))
-            tgt = layer(tgt, qpos, mem, pos, ~vmask)
+        for l, layer in enumerate(self.decoder):
+            sine = sine_embed(ref, self.d // 2).flatten(-2)
+            qpos = self.ref_head(sine)
+            if l > 0:                                                  # conditional scaling by the content
+                sine = sine * self.query_scale(tgt)
+            sine = sine * (self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1])[..., None]   # width modulation
+            tgt = layer(tgt, qpos, sine, mem, pos, ~vmask, first=l == 0)
             h = self.dec_norm(tgt)
-            span = (inverse_sigmoid(ref) + self.span_head(h)).sigmoid()
             logits.append(self.class_head(h))
-            spans.append(span)
-            ref = span.detach()
+            spans.append((inverse_sigmoid(ref) + self.span_head(h)).sigmoid())
+            ref = (inverse_sigmoid(ref) + self.box_head(tgt)).sigmoid().detach()
         return logits, spans
 
     def correlation(self, out, vmask, tmask, relevant) -> dict:
@@ -318,8 +349,10 @@ def hungarian_assign(cost: torch.Tensor):
 
 def set_loss(logits, spans, targets, cfg, assign=hungarian_assign) -> dict:
     "DETR set loss of one decoder layer: 10·L1 + 1·(1 − gIoU) on matched windows + 4·CE(fg/bg, background weight 0.1)."
-    with torch.no_grad():
-        idx = [assign(match_cost(lg, sp, tg, cfg)) for lg, sp, tg in zip(logits, spans, targets)]
+    with torch.no_grad():            # one cost matrix for the whole batch, split per video (as DETR's matcher)
+        cost = match_cost(logits.flatten(0, 1), spans.flatten(0, 1), torch.cat(list(targets)).to(spans), cfg)
+        cost = cost.view(*logits.shape[:2], -1).cpu().split([len(t) for t in targets], -1)
+        idx = [assign(c[b]) for b, c in enumerate(cost)]
     src = torch.cat([s[i] for s, (i, _) in zip(spans, idx)])
     tgt = torch.cat([t[j] for t, (_, j) in zip(targets, idx)]).to(src)
     n = max(len(tgt), 1)
@@ -536,9 +569,11 @@ def train_step(model: CGDETR, batch: dict, cfg, assign=hungarian_assign) -> dict
     L.pop("out")
     return L
 
-def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, assign=hungarian_assign) -> dict:
+def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, assign=hungarian_assign, eval_fn=None,
+          eval_every: int | None = None) -> dict:
     """Train CG-DETR for `cfg.steps` steps (AdamW, weight decay 1e-4, gradient-norm clip `cfg.clip`) through
-    `seglab.engine.fit`; `ckpt`: checkpoint path (a run resumes from it). Returns `dict(model, history, data)`;
+    `seglab.engine.fit`; `ckpt`: checkpoint path (a run resumes from it); `eval_fn(model) -> dict` runs every
+    `eval_every` steps (its scalars go to the history). Returns `dict(model, history, data)`;
     the model holds the **last** weights (the official run keeps the best val epoch; see Results)."""
     seed_everything(cfg.seed)
     data = data or make_data(cfg)
@@ -547,6 +582,7 @@ def train(cfg, data: dict | None = None, callbacks=(), ckpt=None, assign=hungari
     history = fit(model, lambda m, b: train_step(m, b, cfg, assign), batch_stream(data["train"], cfg), opt,
                   steps=cfg.steps, amp=False, clip_grad=cfg.clip, callbacks=callbacks, ckpt=ckpt,
                   ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, seed=cfg.seed, device=get_device(cfg.device),
+                  eval_fn=eval_fn, eval_every=eval_every,
                   desc=f"cgdetr ({cfg.n_dummies} dummies)")
     return dict(model=model.eval(), history=history, data=data)
 
@@ -689,7 +725,7 @@ CONFIG = dict(
                 eval_split="val", ckpt_every=100),
     toy=dict(data="toy", root=None, d=32, heads=4, ff=64, dropout=0.0, input_dropout=0.1, dummy_layers=1, t2v_layers=1,
              enc_layers=2, dec_layers=2, vocab=len(GROUNDING_VOCAB), word_dim=32, video_dim=64, clips=32, max_q=8,
-             difficulty=0.5, noise=0.2, offset=0.0, n_train=1024, n_val=256, batch=16, steps=200, lr=2e-3,
+             difficulty=0.5, noise=0.2, offset=0.0, n_train=1024, n_val=256, batch=16, steps=400, lr=2e-3,
              log_every=10),
     full=dict(data="qvhighlights", root=None, d=256, heads=8, ff=1024, dropout=0.1, input_dropout=0.5, dummy_layers=2,
               t2v_layers=2, enc_layers=3, dec_layers=3, vocab=0, word_dim=512, video_dim=512, clips=75, max_q=32,
@@ -716,6 +752,29 @@ def seed_row(cfg, seed: int, variants: dict | None = None) -> dict:
     row["prior"] = headline(prior_predictions(tr, va), va["gt"])
     row["chance"] = headline(chance_predictions(va, seed), va["gt"])
     return row
+
+def step_curve(cfg, seed: int, steps: int = 1000, every: int = 200) -> dict:
+    """One CG-DETR run of `steps` steps (a multiple of `every`) on toy seed `seed`, scored every `every` steps (the
+    learning rate is constant, so the model at step s is the one a run of s steps ends with): `{step: headline +
+    engagement report + the swapped-query headline (keys prefixed 'swapped ')}`, and under 'baselines' the per-clip
+    scorer (trained for `steps` steps) and the prior."""
+    if steps % every:
+        raise ValueError(f"steps={steps} must be a multiple of every={every}")
+    cfg = cfg.replace(seed=seed, steps=steps)
+    data = make_data(cfg)
+    tr, va = data["train"], data["val"]
+    other = torch.randperm(len(va["video"]), generator=torch.Generator().manual_seed(1))
+    curve = {}
+    def score(m):
+        subs, o = predict(m, va)
+        sw = headline(predict(m, va, va["words"][other], va["tmask"][other])[0], va["gt"])
+        curve[every * (len(curve) + 1)] = dict(headline(subs, va["gt"]), **engagement_report(o, va),
+                                               **{f"swapped {k}": v for k, v in sw.items()})
+        return {}
+    train(cfg, data, eval_fn=score, eval_every=every)
+    curve["baselines"] = {"per-clip scorer": headline(clip_scorer_predictions(train_clip_scorer(cfg, tr), va), va["gt"]),
+                          "prior": headline(prior_predictions(tr, va), va["gt"])}
+    return curve
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #6b312004
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
