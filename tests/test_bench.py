@@ -97,14 +97,10 @@ def test_step_case_amp(amp, dtype):
     torch.testing.assert_close(a.weight.detach(), w0 - 0.25 * 0.01, rtol=0, atol=1e-5)   # d mean / d w = x, unscaled
 
 
-# chapters whose bench_case still writes its own backward/step (their notebooks were owned by other helpers when
-# step_case arrived); remove a slug once its bench_case returns step_case(...)
-OWN_STEP = {"cgdetr"}
 
 
 def test_chapters_build_their_bench_step_with_step_case():
-    "Every other benchable chapter times its step through `step_case` (directly or in a case builder it calls)."
-    own = []
+    "Every benchable chapter times its step through `step_case` (directly or in a case builder it calls)."
     for slug, _ in benchable():
         fn = importlib.import_module(get_chapter(slug).module_name).bench_case
         calls = {c.func.id for c in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn))))
@@ -112,8 +108,5 @@ def test_chapters_build_their_bench_step_with_step_case():
         helpers = [f for f in map(fn.__globals__.get, calls)                    # e.g. tdm.bench_episode_step
                    if inspect.isfunction(f) and f.__module__.startswith("seglab.methods.")]
         src = "".join(map(inspect.getsource, [fn, *helpers]))
-        if ".backward(" in src:
-            own.append(slug)
-        else:
-            assert "step_case(" in src, slug
-    assert set(own) <= OWN_STEP, f"{sorted(set(own) - OWN_STEP)}: return seglab.bench.step_case(...) from bench_case"
+        assert ".backward(" not in src and "step_case(" in src, \
+            f"{slug}: return seglab.bench.step_case(...) from bench_case instead of a hand-written optimizer step"

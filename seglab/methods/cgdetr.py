@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import DatasetNotFoundError, QVHighlights
 from ..engine import fit
+from ..bench import step_case
 from ..metrics import auroc, qvhighlights_eval
 from ..toyworld import CLIP_LEN, GROUNDING_VOCAB, GroundingVideos
 
@@ -810,10 +811,4 @@ def bench_case(cfg, cached=None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def run():
-        loss = train_step(model, batch, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return dict(run=run, batch=B)
+    return step_case(lambda: train_step(model, batch, cfg), opt, B)
