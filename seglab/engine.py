@@ -35,7 +35,7 @@ from .config import atomic_path, cache_root, get_device, remove_orphan, run_stam
 __all__ = ['LR_KINDS', 'AMP_MODES', 'History', 'rng_state', 'set_rng_state', 'derive_seed', 'CheckpointError',
            'verify_checkpoint', 'save_checkpoint', 'load_checkpoint', 'lr_factor', 'lr_schedule', 'unwrap', 'ModelEMA',
            'dist_info', 'is_main', 'init_distributed', 'loader_factory', 'tensor_batches', 'amp_setup', 'to_device',
-           'NonFiniteLoss', 'fit', 'fit_or_load']
+           'NonFiniteLoss', 'fit', 'companion_ckpt', 'fit_or_load']
 
 # %% ../nbs/00_foundations/05_engine.ipynb #e3b1b7c0
 class History:
@@ -657,6 +657,20 @@ def fit(model: nn.Module, step_fn: Callable, data, optimizer: torch.optim.Optimi
             cb.close()
     optimizer.zero_grad(set_to_none=True)  # micro-batches that did not fill a last accumulation window
     return history
+
+# %% ../nbs/00_foundations/05_engine.ipynb #913038c3
+def companion_ckpt(ckpt: str | Path | None, tag: str) -> Path | None:
+    """The checkpoint path of a run trained beside the one checkpointed at `ckpt` (a tour's baseline or other arm):
+    `<stem>-<tag><suffix>` in `ckpt`'s folder; None when `ckpt` is None. When `ckpt` does not exist yet (the main run
+    starts afresh), an existing file at the returned path belongs to an older run and is deleted: call this before
+    the main run starts."""
+    if ckpt is None:
+        return None
+    ckpt = Path(ckpt)
+    path = ckpt.with_name(f"{ckpt.stem}-{tag}{ckpt.suffix}")
+    if not ckpt.exists():
+        path.unlink(missing_ok=True)
+    return path
 
 # %% ../nbs/00_foundations/05_engine.ipynb #4cc27151
 def _verify(path: Path, sha256: str | None) -> None:

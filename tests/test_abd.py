@@ -16,7 +16,7 @@ from seglab.data import download as dl
 from seglab.data.datasets import ACDCSlices, ACDCVolumes, DatasetNotFoundError
 from seglab.methods import abd
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 OFFICIAL_10PCT = ["patient099", "patient038", "patient050", "patient100", "patient058", "patient021", "patient049"]
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
@@ -191,13 +191,7 @@ def test_best_val_checkpoint_is_returned():
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(iters=4, ckpt_every=2)
     data = abd.make_data(cfg)
-    ref = abd.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "abd.pt"
-    with pytest.raises(Stop):
-        abd.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = abd.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: abd.train(cfg, data, **kw), tmp_path / "abd.pt")   # weights and buffers
 
 
 def test_abd_r_can_be_replaced_without_monkeypatching():

@@ -11,7 +11,7 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import dfr
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 VOC = sample_data_dir() / "voc_samples"
 needs_voc = pytest.mark.skipif(not (VOC / "JPEGImages").is_dir(),
@@ -140,13 +140,7 @@ def test_scribble_from_mask_labels_only_true_pixels():
 
 def test_resume_equals_uninterrupted(tmp_path, data):
     cfg = tiny(steps=4, ckpt_every=2, deep_start=0.5)
-    ref = dfr.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "dfr.pt"
-    with pytest.raises(Stop):
-        dfr.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = dfr.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: dfr.train(cfg, data, **kw), tmp_path / "dfr.pt")   # weights and buffers
 
 
 def test_tour_and_bench_contract(monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seglab.engine import CheckpointError, NonFiniteLoss, fit, load_checkpoint, save_checkpoint
+from seglab.engine import CheckpointError, NonFiniteLoss, companion_ckpt, fit, load_checkpoint, save_checkpoint
 from seglab.toyworld import TinyFCN, make_scenes
 
 from _helpers import nan_loss_at
@@ -214,3 +214,16 @@ def test_a_concurrent_save_keeps_the_other_writers_temporary(tmp_path):
     assert live[0].exists(), "a live writer's temporary was deleted"
     assert writer.wait(timeout=120) == 0, "the other writer crashed"
     assert load_checkpoint(path)["step"] == 7 and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_companion_ckpt_names_the_file_beside_and_drops_a_stale_one(tmp_path):
+    "A tour's baseline checkpoint: `<stem>-<tag><suffix>` beside the method's; deleted only when the method starts afresh."
+    main = tmp_path / "scl-toy.pt"
+    assert companion_ckpt(None, "baseline") is None
+    base = companion_ckpt(str(main), "baseline")
+    assert isinstance(base, Path) and base == tmp_path / "scl-toy-baseline.pt" and not base.exists()
+    save_checkpoint(base, dict(step=5)); save_checkpoint(main, dict(step=5))
+    assert companion_ckpt(main, "baseline") == base and load_checkpoint(base)["step"] == 5   # resuming: kept
+    assert companion_ckpt(main, "protonet") == tmp_path / "scl-toy-protonet.pt"
+    main.unlink()
+    assert companion_ckpt(main, "baseline") == base and not base.exists()   # a fresh start: the older run's goes

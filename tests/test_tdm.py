@@ -52,29 +52,68 @@ def cub_layout(root: Path, classes: int = 200, per_class: int = 17) -> Path:
     return root
 
 
+def full_config_one_step(module, tmp_path):
+    """`module`'s (TDM's or TDM-IAM's) full CONFIG unchanged but for the data root (a `cub_layout`), one step and
+    `pretrained=False`: a 20-way 1-shot, 15-query episode of 84-px crops, one training step with a finite loss, two
+    test episodes evaluated. Returns `(cfg, the first training episode, the trained model)`."""
+    root = cub_layout(tmp_path)
+    cfg = pick(module.CONFIG, "full").replace(data_root=str(root), steps=1, pretrained=False)   # nothing else changed
+    assert cfg.crop and cfg.size == 84 and cfg.way == 20 and cfg.queries == 15
+    train_eps = module.make_episodes(cfg, True)
+    e = train_eps[0]
+    assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
+    model, hist = module.train(cfg, train_eps)
+    assert torch.isfinite(torch.tensor(hist.last("loss")))
+    r = module.evaluate(model, cfg, module.make_episodes(cfg, False, n=2))
+    assert r["n"] == 2 and 0 <= r["acc"] <= 1
+    return cfg, e, model
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = pick(tdm.CONFIG, "toy").replace(steps=6, ckpt_every=2)
     *_, hist = assert_resumes_exactly(lambda **kw: tdm.train(cfg, **kw), tmp_path / "tdm.pt")   # BN stats included
     assert len(hist) > 0
 
 
-def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
-    monkeypatch.setitem(tdm.CONFIG, "toy", dict(tdm.CONFIG["toy"], steps=12, n_test=12))
-    monkeypatch.setitem(tdm.CONFIG, "common", dict(tdm.CONFIG["common"], ckpt_every=5))
-    ckpt = tmp_path / "tdm-toy.pt"
-    r = tdm.tour("toy", ckpt=ckpt)
+def assert_tour_checkpoints(module, tmp_path, monkeypatch, companions, ckpt_every: int, **toy) -> dict:
+    """`module.tour("toy", ckpt=...)` (TDM's or TDM-IAM's) with `toy` overriding the toy CONFIG and a checkpoint every
+    `ckpt_every` steps: the tour contract (5-way chance); the method's checkpoint and each companion's
+    (`<stem>-<companion>.pt`) written; a second tour (all finished) resumed as it is (same value and baseline); a
+    fresh start (method checkpoint gone, companions' stale) drops the stale files and repeats the first tour.
+    Returns the first tour's result."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    monkeypatch.setitem(module.CONFIG, "toy", dict(module.CONFIG["toy"], **toy))
+    monkeypatch.setitem(module.CONFIG, "common", dict(module.CONFIG["common"], ckpt_every=ckpt_every))
+    ckpt = tmp_path / f"{name}-toy.pt"
+    r = module.tour("toy", ckpt=ckpt)
     assert_tour_contract(r, chance=0.2)
-    assert ckpt.exists() and (tmp_path / "tdm-toy-protonet.pt").exists()
-    again = tdm.tour("toy", ckpt=ckpt)                                 # both finished: resumed as they are
+    others = [tmp_path / f"{name}-toy-{c}.pt" for c in companions]
+    assert ckpt.exists() and all(p.exists() for p in others)
+    again = module.tour("toy", ckpt=ckpt)                              # all finished: resumed as they are
     assert again["value"] == r["value"] and again["baseline"] == r["baseline"]
+    ckpt.unlink()
+    for p in others:
+        p.write_bytes(b"stale")                                         # an older run's: must not be resumed
+    fresh = module.tour("toy", ckpt=ckpt)
+    assert fresh["value"] == r["value"] and fresh["baseline"] == r["baseline"]
+    return r
+
+
+def assert_bench_case_runs_one_step(module, profile: str, **sizes):
+    "`module.bench_case` (TDM's or TDM-IAM's) at `profile` on a 3-way 1-shot, 2-query episode runs one step."
+    cfg = pick(module.CONFIG, profile).replace(way=3, queries=2, **sizes)
+    case = module.bench_case(cfg)
+    case["run"]()
+    assert case["batch"] == 3 * 1 + 3 * 2
+
+
+def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
+    assert_tour_checkpoints(tdm, tmp_path, monkeypatch, ["protonet"], ckpt_every=5, steps=12, n_test=12)
 
 
 @pytest.mark.parametrize("profile", ["toy", "full"])
 def test_bench_case_runs_one_step(profile):
-    cfg = pick(tdm.CONFIG, profile).replace(way=3, queries=2, size=84)
-    case = tdm.bench_case(cfg)
-    case["run"]()
-    assert case["batch"] == 3 * 1 + 3 * 2
+    assert_bench_case_runs_one_step(tdm, profile, size=84)
 
 
 def test_sandglass_quirk_and_weights_in_training_mode():
@@ -105,17 +144,8 @@ def test_full_profile_uses_frn_split():
 @pytest.mark.skipif(not SLOW, reason="slow (one full-size step: a 20-way 1-shot, 15-query episode of 320 images at 84 px "
                                      "through Conv-4, 1.5-4 min on one shared CPU thread): run with SEGLAB_FLAGS=slow")
 def test_full_config_one_step_on_a_cub_layout(tmp_path):
-    root = cub_layout(tmp_path)
-    cfg = pick(tdm.CONFIG, "full").replace(data_root=str(root), steps=1, pretrained=False)   # nothing else changed
-    assert cfg.crop and cfg.size == 84 and cfg.way == 20 and cfg.queries == 15
-    train_eps = tdm.make_episodes(cfg, True)
-    e = train_eps[0]
-    assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
+    _, e, _ = full_config_one_step(tdm, tmp_path)
     assert set(e["class_ids"].tolist()) <= set(tdm.frn_class_split()["train"])          # FRN's split: even official ids
-    model, hist = tdm.train(cfg, train_eps)
-    assert torch.isfinite(torch.tensor(hist.last("loss")))
-    r = tdm.evaluate(model, cfg, tdm.make_episodes(cfg, False, n=2))
-    assert r["n"] == 2 and 0 <= r["acc"] <= 1
 
 
 @needs_cub

@@ -9,9 +9,8 @@ import torch
 from seglab.config import pick
 from seglab.methods import tdm, tdm_iam
 
-from _helpers import assert_tour_contract
 from interrupt import assert_resumes_exactly
-from test_tdm import CUB, cub_layout
+from test_tdm import CUB, assert_bench_case_runs_one_step, assert_tour_checkpoints, full_config_one_step
 
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 needs_cub = pytest.mark.skipif(not CUB.is_dir(), reason=f"CUB samples not found at {CUB} (set SEGLAB_SHARED_DATA)")
@@ -30,24 +29,14 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_tour_returns_the_contract_keys(tmp_path, monkeypatch):
-    monkeypatch.setitem(tdm_iam.CONFIG, "toy", dict(tdm_iam.CONFIG["toy"], steps=6, n_test=4, pool_train=120,
-                                                    pool_test=200, width=8))
-    monkeypatch.setitem(tdm_iam.CONFIG, "common", dict(tdm_iam.CONFIG["common"], ckpt_every=3))
-    ckpt = tmp_path / "tdm_iam-toy.pt"
-    r = tdm_iam.tour("toy", ckpt=ckpt)
-    assert_tour_contract(r, chance=0.2)
+    r = assert_tour_checkpoints(tdm_iam, tmp_path, monkeypatch, ["protonet", "tdm"], ckpt_every=3, steps=6, n_test=4,
+                                pool_train=120, pool_test=200, width=8)
     assert r["baseline"] == max(r["protonet"], r["tdm"])
-    assert ckpt.exists() and (tmp_path / "tdm_iam-toy-protonet.pt").exists() and (tmp_path / "tdm_iam-toy-tdm.pt").exists()
-    again = tdm_iam.tour("toy", ckpt=ckpt)                             # all finished: resumed as they are
-    assert again["value"] == r["value"] and again["baseline"] == r["baseline"]
 
 
 @pytest.mark.parametrize("profile", ["toy", "full"])
 def test_bench_case_runs_one_step(profile):
-    cfg = pick(tdm_iam.CONFIG, profile).replace(way=3, queries=2, width=8)
-    case = tdm_iam.bench_case(cfg)
-    case["run"]()
-    assert case["batch"] == 3 * 1 + 3 * 2
+    assert_bench_case_runs_one_step(tdm_iam, profile, width=8)
 
 
 def test_arms_and_bad_inputs():
@@ -77,17 +66,9 @@ def test_pool_truth_and_episodes_respect_the_split():
 @pytest.mark.skipif(not SLOW, reason="slow (one full-size step: a 20-way 1-shot, 15-query episode of 320 images at 84 px "
                                      "through Conv-4 with IAM, minutes on one shared CPU thread): run with SEGLAB_FLAGS=slow")
 def test_full_config_one_step_on_a_cub_layout(tmp_path):
-    root = cub_layout(tmp_path)
-    cfg = pick(tdm_iam.CONFIG, "full").replace(data_root=str(root), steps=1, pretrained=False)   # nothing else changed
-    assert cfg.crop and cfg.size == 84 and cfg.way == 20 and cfg.queries == 15 and cfg.iam == "iam"
-    train_eps = tdm_iam.make_episodes(cfg, True)
-    e = train_eps[0]
-    assert e["support_images"].shape == (20, 3, 84, 84) and e["query_images"].shape == (300, 3, 84, 84)
-    model, hist = tdm_iam.train(cfg, train_eps)
-    assert torch.isfinite(torch.tensor(hist.last("loss")))
+    cfg, _, model = full_config_one_step(tdm_iam, tmp_path)
+    assert cfg.iam == "iam"
     assert all(m.mlp.linear2.weight.abs().sum() > 0 for m in model.backbone.attn.values())   # IAM took the step
-    r = tdm_iam.evaluate(model, cfg, tdm_iam.make_episodes(cfg, False, n=2))
-    assert r["n"] == 2 and 0 <= r["acc"] <= 1
 
 
 def test_training_runs_through_tdms_loop():

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from ..backbones import masked_average_pooling, masked_support_prior
 from ..bench import step_case
 from ..config import get_device, pick, seed_everything
-from ..engine import History, fit, lr_schedule, to_device
+from ..engine import History, companion_ckpt, fit, lr_schedule, to_device
 from ..fewshot import (FrozenEncoder, ImageDrivenEpisodes, bank_episodes, build_encoder, epoch_loader,
                             cached_feature_batches, episode_features, fb_iou, feature_batches, feature_mask,
                             fold_class_ids, image_bank, matching_probe, random_episode_batch)
@@ -317,12 +316,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     if cfg.benchmark == "toyworld":  # the frozen encoder runs once per image
         encoder = build_encoder(cfg)
         data, test = image_bank(encoder, data), cached_feature_batches(encoder, test, half=True)
-    base_ckpt = None
-    if ckpt is not None:
-        ckpt = Path(ckpt)
-        base_ckpt = ckpt.with_name(f"{ckpt.stem}-baseline{ckpt.suffix}")
-        if not ckpt.exists():
-            base_ckpt.unlink(missing_ok=True)
+    base_ckpt = companion_ckpt(ckpt, "baseline")   # before SCL runs: a fresh SCL run drops a stale baseline
     scl, _ = train(cfg.replace(self_guided=True), data, ckpt=ckpt)
     base, _ = train(cfg.replace(self_guided=False), data, ckpt=base_ckpt)
     r = evaluate_runs(dict(scl=(scl, 1, "cgm"), baseline=(base, 1, "mean"), cgm=(scl, cfg.shots, "cgm"),

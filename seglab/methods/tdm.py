@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from ..baselines import prototype_accuracy
 from ..bench import step_case
 from ..config import get_device, pick, seed_everything
-from ..engine import History, fit, to_device
+from ..engine import History, companion_ckpt, fit, to_device
 from ..fewshot_cls import ClassEpisodes, FeatureEpisodes, SandGlass
 from ..metrics import mean_ci95
 from ..toyworld import BirdEpisodes
@@ -340,12 +339,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     cfg = pick(CONFIG, profile)
     t0 = time.time()
     train_eps, test = make_episodes(cfg, True), make_episodes(cfg, False)
-    base_ckpt = None
-    if ckpt is not None:
-        ckpt = Path(ckpt)
-        base_ckpt = ckpt.with_name(f"{ckpt.stem}-protonet{ckpt.suffix}")
-        if not ckpt.exists():
-            base_ckpt.unlink(missing_ok=True)
+    base_ckpt = companion_ckpt(ckpt, "protonet")   # before TDM runs: a fresh TDM run drops a stale ProtoNet
     model, _ = train(cfg.replace(attention="tdm"), train_eps, ckpt=ckpt)
     base, _ = train(cfg.replace(attention="none"), train_eps, ckpt=base_ckpt)
     test = [test[i] for i in range(len(test))]

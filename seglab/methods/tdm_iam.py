@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from ..baselines import prototype_accuracy
 from ..config import pick
-from ..engine import History, to_device
+from ..engine import History, companion_ckpt, to_device
 from ..fewshot_cls import ClassEpisodes, SandGlass
 from .tdm import (FewShotNet, bench_episode_step, conv_block, cub_episodes, episode_sizes,
                                 proto_logits, prototypes, qam_statistics)
@@ -234,13 +233,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     t0 = time.time()
     pools = (make_pool(cfg, True), make_pool(cfg, False)) if cfg.data == "birds" else (None, None)
     train_eps, test = make_episodes(cfg, True, pool=pools[0]), make_episodes(cfg, False, pool=pools[1])
-    paths = dict.fromkeys(("tdm_iam", "protonet", "tdm"))
-    if ckpt is not None:
-        ckpt = Path(ckpt)
-        paths = dict(tdm_iam=ckpt, **{a: ckpt.with_name(f"{ckpt.stem}-{a}{ckpt.suffix}") for a in ("protonet", "tdm")})
-        if not ckpt.exists():
-            for a in ("protonet", "tdm"):
-                paths[a].unlink(missing_ok=True)
+    paths = dict(tdm_iam=ckpt, **{a: companion_ckpt(ckpt, a) for a in ("protonet", "tdm")})   # before any arm runs
     test = [test[i] for i in range(len(test))]
     res = {a: evaluate(train(arm_config(cfg, a), train_eps, ckpt=paths[a])[0], cfg, test, pools[1]) for a in paths}
     best = max(("protonet", "tdm"), key=lambda a: res[a]["acc"])
