@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..bench import step_case
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import ACDCSlices, ACDCVolumes, resize_image, resize_mask, sample_data_dir
-from ..engine import fit, load_checkpoint, lr_schedule, save_checkpoint
+from ..engine import companion_ckpt, fit, load_checkpoint, lr_schedule, save_checkpoint
 from ..metrics import volume_scores
 from ..toyworld import CardiacSlices, CardiacVolumes
 
@@ -461,7 +461,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     ABD's checkpoint path (the baseline's is `<stem>-labelled-only<suffix>` beside it); runs resume from them."""
     cfg = pick(CONFIG, get_profile(profile))
     data = make_data(cfg)
-    sup_ckpt = None if ckpt is None else Path(ckpt).with_name(f"{Path(ckpt).stem}-labelled-only{Path(ckpt).suffix}")
+    sup_ckpt = companion_ckpt(ckpt, "labelled-only")
     abd = evaluate(train(cfg, data, ckpt=ckpt)["model"], cfg, data["volumes"])
     sup = evaluate(train(labelled_only_config(cfg), data, ckpt=sup_ckpt)["model"], cfg, data["volumes"])
     return dict(metric="Dice (3D, mean of RV/Myo/LV)", value=abd["dice"], chance=chance_dice(data, cfg),

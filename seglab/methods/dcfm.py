@@ -18,7 +18,7 @@ from ..cache import feature_cache
 from ..config import atomic_path, get_device, get_profile, pick, seed_everything
 from ..data.datasets import CoSaliencyGroups as CoSODFolders
 from ..data.datasets import YOLOSegmentation, read_image, resize_image, resize_mask, sample_data_dir
-from ..engine import fit
+from ..engine import companion_ckpt, fit
 from ..bench import step_case
 from ..metrics import auroc, SaliencyMeter
 from ..toyworld import NUM_CLASSES, NUM_STUFF, ToyDataset, lookalikes, render_scene, sample_object, sample_scene
@@ -693,7 +693,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     cfg = pick(CONFIG, get_profile(profile))
     data = make_data(cfg)
     name, test = next(iter(data["test"].items()))
-    base_ckpt = None if ckpt is None else Path(ckpt).with_name(f"{Path(ckpt).stem}-single-image{Path(ckpt).suffix}")
+    base_ckpt = companion_ckpt(ckpt, "single-image")
     dcfm = evaluate(train(cfg, data, ckpt=ckpt)["model"], test)
     single = evaluate(train(cfg.replace(method="single-image", dpg=False, dfe=False, scl=False), data,
                             ckpt=base_ckpt)["model"], test)

@@ -19,7 +19,7 @@ from ..bench import step_case
 from ..cache import feature_cache
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import VOCSegmentation, sample_data_dir
-from ..engine import fit, lr_schedule, tensor_batches
+from ..engine import companion_ckpt, fit, lr_schedule, tensor_batches
 from ..metrics import auroc, ConfusionMatrix
 from ..toyworld import NUM_CLASSES, NUM_STUFF, SemanticScenes, scribble_of
 
@@ -445,10 +445,9 @@ def show_window(model, val, cfg, scene=0, y=16, x=16, sigma_rgb=None, sigma_f=No
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
     """Train DFR (and pCE) in `profile`; return DFR's val mIoU with chance and the strongest per-pixel baseline.
     `ckpt`: DFR's checkpoint path (pCE's is `<stem>-pce<suffix>` beside it); runs resume from them."""
-    from pathlib import Path
     cfg = pick(CONFIG, get_profile(profile))
     data = make_data(cfg)
-    pce_ckpt = None if ckpt is None else Path(ckpt).with_name(f"{Path(ckpt).stem}-pce{Path(ckpt).suffix}")
+    pce_ckpt = companion_ckpt(ckpt, "pce")
     value = evaluate(train(cfg, data, ckpt=ckpt)["model"], cfg, data["val"])["miou"]
     pce = evaluate(train(cfg.replace(method="pce"), data, ckpt=pce_ckpt)["model"], cfg, data["val"])["miou"]
     base = pixel_baselines(data, cfg)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from ..backbones import TOY_NORM, build_toy_cnn, cnn_features, cnn_stages, load_
 from ..baselines import fit_pixel_classifier
 from ..config import get_device, get_profile, pick, seed_everything
 from ..data.datasets import SODDataset, VOCSegmentation, resize_image, resize_mask, sample_data_dir
-from ..engine import fit
+from ..engine import companion_ckpt, fit
 from ..bench import step_case
 from ..metrics import SaliencyMeter
 from ..toyworld import (NUM_CLASSES, NUM_STUFF, ToyDataset, _meta, apply_light, paint_object, render_scene,
@@ -619,7 +618,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
     cfg = pick(CONFIG, get_profile(profile))
     t0 = time.time()
     data = make_data(cfg)
-    base_ckpt = None if ckpt is None else Path(ckpt).with_name(f"{Path(ckpt).stem}-pce-only{Path(ckpt).suffix}")
+    base_ckpt = companion_ckpt(ckpt, "pce-only")
     method = evaluate(train(cfg, data, ckpt=ckpt)["model"], cfg, data["test"])
     rows = {"pCE only": evaluate(train(cfg.replace(lsc_weight=0.0, ssc=False), data, ckpt=base_ckpt)["model"], cfg,
                                  data["test"])}

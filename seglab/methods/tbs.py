@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbones import IMAGENET_NORM, _frozen, cnn_stages, load_pretrained, normalize, toy_cnn
 from ..cache import feature_cache
 from ..config import get_device, pick, seed_everything
-from ..engine import derive_seed, fit, to_device
+from ..engine import companion_ckpt, derive_seed, fit, to_device
 from ..bench import step_case
 from ..fewshot import FrozenReader, epoch_loader, fold_class_ids, matching_probe, resize_input
 from ..metrics import auroc, FewShotIoU
@@ -567,12 +566,7 @@ def tour(profile: str | None = "toy", ckpt=None) -> dict:
         data = block_bank(encoder, data)
     test = test_batches(encoder.to(get_device() if cfg.profile == "full" else "cpu"), test_eps,
                         cache=cfg.benchmark == "toyworld")
-    base_ckpt = None
-    if ckpt is not None:
-        ckpt = Path(ckpt)
-        base_ckpt = ckpt.with_name(f"{ckpt.stem}-dcama{ckpt.suffix}")
-        if not ckpt.exists():
-            base_ckpt.unlink(missing_ok=True)
+    base_ckpt = companion_ckpt(ckpt, "dcama")   # before TBS runs: a fresh TBS run drops a stale DCAMA
     tbs, _ = train(cfg.replace(tbs=True), data, ckpt=ckpt)
     dcama, _ = train(cfg.replace(tbs=False), data, ckpt=base_ckpt)
     r = evaluate_runs(dict(tbs=tbs, dcama=dcama), cfg, test)
