@@ -12,7 +12,7 @@ from seglab.data.datasets import sample_data_dir
 from seglab.methods import a2gnn
 
 from _helpers import count_calls
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 VOC = sample_data_dir() / "voc_samples"
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
@@ -86,13 +86,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny()
     data = a2gnn.make_data(cfg)
     graph = a2gnn.graph_inputs(cfg, data)
-    ref = a2gnn.train(cfg, data, graph)["model"].state_dict()
-    ckpt = tmp_path / "a2gnn.pt"
-    with pytest.raises(Stop):
-        a2gnn.train(cfg, data, graph, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = a2gnn.train(cfg, data, graph, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: a2gnn.train(cfg, data, graph, **kw), tmp_path / "a2gnn.pt")
 
 
 def test_consistency_check_fires_only_when_centred():

@@ -12,7 +12,7 @@ from seglab.data.datasets import DatasetNotFoundError, sample_data_dir
 from seglab.methods import cgdetr as cg
 from seglab.toyworld import GROUNDING_VOCAB
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 QV = sample_data_dir() / "qvhighlights"
 HAS_QV = (QV / "highlight_train_release.jsonl").exists()
@@ -214,13 +214,7 @@ def test_real_jsonl_split_and_missing_features_error():
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(steps=4, ckpt_every=2)
     data = cg.make_data(cfg)
-    ref = cg.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "cgdetr.pt"
-    with pytest.raises(Stop):
-        cg.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = cg.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: cg.train(cfg, data, **kw), tmp_path / "cgdetr.pt")
 
 
 def test_evaluate_and_baselines_give_qvhighlights_metrics():

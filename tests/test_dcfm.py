@@ -10,7 +10,7 @@ import torch
 from seglab.config import pick
 from seglab.methods import dcfm
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
@@ -242,13 +242,7 @@ def test_group_batches_shuffle_and_cache_follow_the_views():
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(iters=4, ckpt_every=2)
     data = dcfm.make_data(cfg)
-    ref = dcfm.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "dcfm.pt"
-    with pytest.raises(Stop):
-        dcfm.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = dcfm.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: dcfm.train(cfg, data, **kw), tmp_path / "dcfm.pt")
 
 
 def test_best_val_checkpoint_is_returned():

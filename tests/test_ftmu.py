@@ -13,7 +13,7 @@ from seglab.config import pick
 from seglab.data.datasets import DAVIS, sample_data_dir
 from seglab.methods import ftmu
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 
 def tiny(**over):
@@ -186,13 +186,7 @@ def test_one_step_advantages_equal_brute_force_replays():
 
 def test_resume_equals_uninterrupted(tmp_path, data):
     cfg = tiny()
-    ref = ftmu.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "ftmu.pt"
-    with pytest.raises(Stop):
-        ftmu.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = ftmu.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: ftmu.train(cfg, data, **kw), tmp_path / "ftmu.pt")
 
 
 def test_tour_reports_baseline_and_chance(monkeypatch):

@@ -11,7 +11,7 @@ from seglab.config import pick
 from seglab.data.datasets import sample_data_dir
 from seglab.methods import scwssod as sc
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
 
@@ -192,13 +192,7 @@ def test_mask_oracle_trains_on_every_pixel_of_the_mask(monkeypatch):
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(steps=4, ckpt_every=2)
     data = sc.make_data(cfg)
-    ref = sc.train(cfg, data)["model"].state_dict()
-    ckpt = tmp_path / "scwssod.pt"
-    with pytest.raises(Stop):
-        sc.train(cfg, data, callbacks=[StopAt(3)], ckpt=ckpt)
-    assert ckpt.is_file()
-    resumed = sc.train(cfg, data, ckpt=ckpt)["model"].state_dict()
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert_resumes_exactly(lambda **kw: sc.train(cfg, data, **kw), tmp_path / "scwssod.pt")
 
 
 def test_tour_returns_baseline_and_forwards_ckpt(tmp_path, monkeypatch):

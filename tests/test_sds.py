@@ -14,7 +14,7 @@ from seglab.data.datasets import sample_data_dir
 from seglab.methods import sds
 from seglab.toyworld import SyntheticPairs, collate
 
-from interrupt import Stop, StopAt
+from interrupt import assert_resumes_exactly
 
 VOC = sample_data_dir() / "voc_samples"
 SLOW = "slow" in os.environ.get("SEGLAB_FLAGS", "").split()
@@ -199,14 +199,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     cfg = tiny()
     pool = sds.toy_pool(cfg)
     data = subset(dict(image=pool["image"], mask=pool["mask"]), torch.arange(12))
-    ref, _ = sds.train(cfg, data=data)
-    ckpt = tmp_path / "sds.pt"
-    with pytest.raises(Stop):
-        sds.train(cfg, data=data, ckpt=ckpt, ckpt_every=2, callbacks=[StopAt(3)], log_every=1)
-    assert ckpt.is_file()
-    res, hist = sds.train(cfg, data=data, ckpt=ckpt, ckpt_every=2, log_every=1)
-    for a, b in zip(ref.state_dict().values(), res.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumes_exactly(lambda **kw: sds.train(cfg, data=data, ckpt_every=2, log_every=1, **kw), tmp_path / "sds.pt")
 
 
 def test_bench_case_runs_one_step():
