@@ -501,8 +501,14 @@ class FewShotEpisodes(ToyDataset):
             copy_appearance(spec["objects"][-1], colour)
         if len(things) == 2:
             copy_appearance(spec["objects"][-2], spec["objects"][-1])
-        img, sem, _ = render_scene(spec, rng)
+        img, sem, inst = render_scene(spec, rng)
+        self._rendered(spec, sem, inst, lookalike=len(things) == 2)
         return torch.from_numpy(img), torch.from_numpy((sem == c).astype(np.int64)), spec
+
+    def _rendered(self, spec, sem, inst, lookalike: bool) -> None:
+        """Hook called with each rendered scene of an episode (query first, then the supports): its spec, semantic and
+        instance maps, and whether a look-alike was placed behind the class object. Does nothing here; a subclass
+        that needs more ground truth per episode (e.g. TBS's look-alike masks) records it."""
 
     def sample(self, rng, i):
         c = int(rng.choice(self.classes))

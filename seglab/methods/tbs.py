@@ -21,8 +21,7 @@ from ..engine import companion_ckpt, derive_seed, fit, to_device
 from ..bench import step_case
 from ..fewshot import FrozenReader, epoch_loader, fold_class_ids, matching_probe, resize_input
 from ..metrics import auroc, FewShotIoU
-from ..toyworld import (FewShotEpisodes, collate, copy_appearance, lookalikes, render_scene,
-                             sample_scene)
+from ..toyworld import FewShotEpisodes, collate
 
 # %% auto #0
 __all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
@@ -37,20 +36,9 @@ class TBSEpisodes(FewShotEpisodes):
     mechanism: `support_lookalikes` [K,H,W] (1 on the look-alike object that `support_lookalike` puts in the support
     background, 0 elsewhere) and `support_shared_bg` [K,H,W] (1 on support background pixels whose stuff class also
     covers query background)."""
-    def _scene(self, rng, c, stuff=None, lookalike=False, colour=None, distractors=0):
-        near = [k for k in lookalikes(c) if k in self.allowed]
-        things = [int(rng.choice(near)), c] if lookalike and near else [c]
-        n = max(int(rng.integers(1, 3 + round(2 * self.difficulty))), len(things) + distractors) if distractors else None
-        spec = sample_scene(rng, self.size, self.difficulty, things, [k for k in self.allowed if k != c], n, stuff=stuff,
-                            palette=self.palette)
-        if colour is not None:
-            copy_appearance(spec["objects"][-1], colour)
-        if len(things) == 2:
-            copy_appearance(spec["objects"][-2], spec["objects"][-1])
-        img, sem, inst = render_scene(spec, rng)
-        look = inst == len(spec["objects"]) - 1 if len(things) == 2 else np.zeros_like(inst, dtype=bool)
+    def _rendered(self, spec, sem, inst, lookalike):
+        look = inst == len(spec["objects"]) - 1 if lookalike else np.zeros_like(inst, dtype=bool)
         self._drawn.append((look, np.where(inst == 0, sem, 255)))
-        return torch.from_numpy(img), torch.from_numpy((sem == c).astype(np.int64)), spec
 
     def sample(self, rng, i):
         self._drawn = []
