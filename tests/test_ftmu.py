@@ -68,6 +68,50 @@ def test_actor_loss_does_not_train_the_critic_and_raises_pi_of_good_actions():
     assert torch.softmax(ac(s[None])[0], -1)[0, ftmu.KEEP].item() > before
 
 
+def test_a2c_loss_variants_returns_from_next_step_and_normalised_advantage():
+    torch.manual_seed(0)
+    ac = ftmu.ActorCritic(3)
+    S = [torch.rand(3) for _ in range(3)]
+    traj = {1: dict(states=S, actions=[ftmu.KEEP, ftmu.UPDATE, ftmu.KEEP], rewards=[10.0, 20.0, 40.0])}
+    with torch.no_grad():
+        logits, V = ac(torch.stack(S))
+    logp = torch.log_softmax(logits, -1)[torch.arange(3), torch.tensor([ftmu.KEEP, ftmu.UPDATE, ftmu.KEEP])]
+    g = 0.9
+    R1 = torch.tensor([20 + g * 40, 40.0, 0.0])                     # the return of step t starts at r_{t+1}
+    out = ftmu.a2c_loss(ac, traj, g, returns_from="t+1")
+    assert torch.allclose(out["critic"], ((R1 - V) ** 2).mean())
+    assert torch.allclose(out["actor"], -(logp * (R1 - V)).mean())
+    a = ftmu.discounted_returns([10.0, 20.0, 40.0], g) - V
+    a = (a - a.mean()) / (a.std() + 1e-6)
+    out = ftmu.a2c_loss(ac, traj, g, adv_norm=True)
+    assert torch.allclose(out["actor"], -(logp * a).mean(), atol=1e-6)
+    assert torch.allclose(out["critic"], ((ftmu.discounted_returns([10.0, 20.0, 40.0], g) - V) ** 2).mean())
+    with pytest.raises(ValueError, match="returns_from"):
+        ftmu.a2c_loss(ac, traj, g, returns_from="t-1")
+
+
+def test_validation_split_is_disjoint_and_train_miss_changes_only_training_detections():
+    cfg = tiny(n_val=2)
+    d = ftmu.make_data(cfg, ("train", "val", "test"))
+    frames = {s: [v["frames"] for v in d[s]["videos"]] for s in d}
+    for a, b in (("train", "val"), ("val", "test"), ("train", "test")):
+        assert not any(torch.equal(x, y) for x in frames[a] for y in frames[b]), (a, b)
+    assert set(ftmu.make_data(cfg)) == {"train", "test"}
+    dm = ftmu.make_data(cfg.replace(train_miss=0.9), ("train", "val"))
+    n = lambda dd, s: sum(len(f["area"]) for fr in dd[s]["frames"] for f in fr)
+    assert n(dm, "train") < n(d, "train") and n(dm, "val") == n(d, "val")
+
+
+def test_quality_state_zeroes_the_cnn_features_only(data):
+    cfg = tiny(state_features="cnn+quality")
+    v, fr = data["test"]["videos"][0], data["test"]["frames"][0]
+    F_, D = cfg.feat_dim, cfg.feat_dim + ftmu.N_QUALITY
+    full, _ = spy_states(v, fr, cfg)
+    q, _ = spy_states(v, fr, cfg.replace(state_features="quality"))
+    for (s, _), (sq, _) in zip(full, q):
+        assert not sq[:, :F_].any() and not sq[:, D:D + F_].any() and s[:, :F_].any()
+        assert torch.equal(s[:, F_:D], sq[:, F_:D]) and torch.equal(s[:, D + F_:], sq[:, D + F_:])
+
 def test_state_carries_the_candidate_and_the_bug_does_not(data):
     cfg = tiny()
     v, fr = data["test"]["videos"][0], data["test"]["frames"][0]

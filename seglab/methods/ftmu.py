@@ -194,6 +194,9 @@ def run_video(video: dict, frames: list[dict], decide, cfg, bug: bool = False) -
         if not rows:
             continue
         states = torch.from_numpy(np.stack(rows))
+        if cfg.get("state_features", "cnn+quality") == "quality":     # toy variant: the CNN features zeroed
+            F_ = (states.shape[1] // 2) - N_QUALITY
+            states[:, :F_] = 0; states[:, F_ + N_QUALITY:2 * F_ + N_QUALITY] = 0
         for s, a, x in zip(states, decide(states, ctx), ctx):
             i, k, c = x["i"], x["k"], x["c"]
             traj[k]["states"].append(s); traj[k]["actions"].append(int(a)); traj[k]["rewards"].append(reward(x["true_iou"]))
@@ -235,12 +238,19 @@ def discounted_returns(rewards, gamma: float = 0.99) -> torch.Tensor:
         out.append(R)
     return torch.tensor(out[::-1], dtype=torch.float32)
 
-def a2c_loss(model: ActorCritic, traj: dict, gamma: float = 0.99) -> dict:
-    "Monte-Carlo A2C losses over every target trajectory of one video: dict(loss, actor, critic)."
+def a2c_loss(model: ActorCritic, traj: dict, gamma: float = 0.99, returns_from: str = "t",
+             adv_norm: bool = False) -> dict:
+    """Monte-Carlo A2C losses over every target trajectory of one video: dict(loss, actor, critic).
+    `returns_from="t+1"`: the return of step t starts at r_{t+1} (r_t scores the match made before a_t);
+    `adv_norm`: the actor's advantage centred and scaled by its batch std (the critic loss is unchanged)."""
+    if returns_from not in ("t", "t+1"):
+        raise ValueError(f"returns_from={returns_from!r}: use 't' (the paper's R_t) or 't+1'")
     S, A, R = [], [], []
     for tr in traj.values():
         if tr["states"]:
-            S += tr["states"]; A += tr["actions"]; R.append(discounted_returns(tr["rewards"], gamma))
+            rw = list(tr["rewards"])
+            S += tr["states"]; A += tr["actions"]
+            R.append(discounted_returns(rw[1:] + [0.0] if returns_from == "t+1" else rw, gamma))
     if not S:
         zero = sum(p.sum() * 0 for p in model.parameters())
         return dict(loss=zero, actor=zero, critic=zero)
@@ -248,7 +258,10 @@ def a2c_loss(model: ActorCritic, traj: dict, gamma: float = 0.99) -> dict:
     logits, V = model(torch.stack(S).to(dev))
     adv = torch.cat(R).to(dev) - V
     logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(A, device=dev)[:, None])[:, 0]
-    actor = -(logp * adv.detach()).mean()
+    a = adv.detach()
+    if adv_norm and len(a) > 1:
+        a = (a - a.mean()) / (a.std() + 1e-6)
+    actor = -(logp * a).mean()
     critic = (adv ** 2).mean()
     return dict(loss=actor + critic, actor=actor, critic=critic)
 
@@ -316,15 +329,17 @@ def chance(data: dict, cfg, split: str = "test", seed: int = 0) -> float:
 # %% ../../nbs/70_video/71_ftmu.ipynb #c43b21e6
 CONFIG = dict(
     common=dict(rho0=0.1, rho=0.4, top_k=5, gamma=0.99, matching="iou", seed=0, device=None, ckpt_every=50, log_every=10,
-                root=None, sequences=None),
+                root=None, sequences=None, n_val=16, train_miss=None),
     toy=dict(data="toy", n_train=16, n_test=16, frames=12, size=64, difficulty=0.5, crossing=0.4, morph=0.05,
              jitter=0.15, miss=0.1, lookalike=0.1, layer="layer2", feat_dim=32, hidden=(64, 32),
              detector="toy_detections", max_dets=None, det_min_size=None, features="toy_cnn_shape", pretrained=True,
-             episodes=200, lr_actor=3e-3, lr_critic=1e-3),
+             episodes=600, lr_actor=3e-3, lr_critic=1e-3,
+             state_features="quality", returns_from="t+1", adv_norm=True),   # chosen on seed 0's validation videos
     full=dict(data="davis2017", n_train=10, n_test=10, frames=None, size=None, difficulty=None, crossing=None, morph=None,
               jitter=None, miss=None, lookalike=None, layer="layer4", feat_dim=512, hidden=(2048, 512),
               detector="maskrcnn_resnet50_fpn_v2", max_dets=20, det_min_size=480, features="resnet18.tv_in1k",
-              pretrained=True, episodes=200, lr_actor=1e-6, lr_critic=5e-6),
+              pretrained=True, episodes=200, lr_actor=1e-6, lr_critic=5e-6,
+              state_features="cnn+quality", returns_from="t", adv_norm=False),
 )
 
 def state_dim(cfg) -> int:
@@ -338,12 +353,13 @@ def make_split(cfg, split: str, models=None) -> dict:
         return davis_split(cfg, split, models)
     if cfg.data != "toy":
         raise ValueError(f"data={cfg.data!r} is not known; use 'toy' or 'davis2017'")
-    n, off = (cfg.n_train, 0) if split == "train" else (cfg.n_test, 1)
-    seed = 1000 * cfg.seed + 500 * off
+    n, off = dict(train=(cfg.n_train, 0), val=(cfg.n_val, 250), test=(cfg.n_test, 500))[split]
+    seed = 1000 * cfg.seed + off
     ds = ToyVideos(n, frames=cfg.frames, size=cfg.size, seed=seed, difficulty=cfg.difficulty,
                    crossing=cfg.crossing, morph=cfg.morph)
     videos = [ds[i] for i in range(n)]
-    dets = [toy_detections(v, cfg.jitter, cfg.miss, cfg.lookalike, seed=seed + i) for i, v in enumerate(videos)]
+    miss = cfg.train_miss if split == "train" and cfg.train_miss is not None else cfg.miss
+    dets = [toy_detections(v, cfg.jitter, miss, cfg.lookalike, seed=seed + i) for i, v in enumerate(videos)]
     cnn = toy_cnn_shape()
     feats = feature_cache("ftmu", lambda: {str(i): cnn_features(cnn, v["frames"], (cfg.layer,))[cfg.layer]
                                            for i, v in enumerate(videos)},
@@ -351,10 +367,11 @@ def make_split(cfg, split: str, models=None) -> dict:
                           device="cpu")
     return dict(videos=videos, frames=[prepare_frames(d, feats[str(i)], cfg.size) for i, d in enumerate(dets)])
 
-def make_data(cfg) -> dict:
-    "`dict(train=..., test=...)` of `make_split` (the full profile builds its detector and CNN once)."
+def make_data(cfg, splits=("train", "test")) -> dict:
+    """`dict(train=..., test=...)` of `make_split` (the full profile builds its detector and CNN once); add `"val"` to
+    `splits` for the toy validation videos (same distribution as training, ToyWorld seeds disjoint from both)."""
     models = davis_models(cfg) if cfg.data == "davis2017" else None
-    return dict(train=make_split(cfg, "train", models), test=make_split(cfg, "test", models))
+    return {s: make_split(cfg, s, models) for s in splits}
 
 def build_model(cfg) -> ActorCritic:
     return ActorCritic(state_dim(cfg), cfg.hidden)
@@ -374,7 +391,7 @@ def train_step(model: ActorCritic, batch, cfg, data: dict, bug: bool = False) ->
     "One A2C episode on training video `batch` (its index): sampled actions, then the actor + critic loss."
     i = int(batch)
     out = run_video(data["train"]["videos"][i], data["train"]["frames"][i], agent_policy(model, greedy=False), cfg, bug)
-    losses = a2c_loss(model, out["traj"], cfg.gamma)
+    losses = a2c_loss(model, out["traj"], cfg.gamma, cfg.get("returns_from", "t"), cfg.get("adv_norm", False))
     return dict(loss=losses["loss"], actor=losses["actor"].detach(), critic=losses["critic"].detach(),
                 update_rate=out["stats"]["updates"] / max(out["stats"]["steps"], 1))
 
