@@ -1,7 +1,6 @@
 """SCL chapter (`seglab.methods.scl`) and its few-shot foundations on real data: the PFENet training list,
 image-driven augmented episodes, COCO-20i folds, one-pass evaluation, resume, and the full CONFIG at full size."""
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from seglab.config import pick
 from seglab.data.datasets import COCO_FOLD_CLASSES, YOLOSegmentation, FewShotSegEpisodes
 from seglab.fewshot import ImageDrivenEpisodes, feature_batches
 from seglab.methods import scl
-from seglab.toyworld import FewShotEpisodes, collate
+from seglab.toyworld import FewShotEpisodes
 
 from _helpers import pascal5i_layout
 from interrupt import assert_resumes_exactly
@@ -242,3 +241,14 @@ def test_cached_feature_batches_equal_and_skip_the_encoder(tmp_path, monkeypatch
         for a, b in zip(ref, got):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert enc.calls == 2 * n                                  # computed once, then read back
+
+
+def test_seg_ce_weights_the_foreground_when_asked():
+    "fg_weight=1 is SCL's plain CE; another weight is the class-weighted CE (TBS trains the masked-GAP model so)."
+    g = torch.Generator().manual_seed(0)
+    logits, mask = torch.randn(2, 2, 4, 4, generator=g), torch.randint(2, (2, 8, 8), generator=g)
+    up = torch.nn.functional.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=True)
+    assert torch.allclose(scl.seg_ce(logits, mask), torch.nn.functional.cross_entropy(up, mask))
+    w = torch.nn.functional.cross_entropy(up, mask, weight=torch.tensor([1.0, 5.0]))
+    assert torch.allclose(scl.seg_ce(logits, mask, fg_weight=5.0), w)
+    assert pick(scl.CONFIG, "toy").fg_weight == 1.0 and pick(scl.CONFIG, "full").fg_weight == 1.0

@@ -126,32 +126,34 @@ def build_model(cfg) -> SCLNet:
         mid_dim = encoder(torch.zeros(1, 3, cfg.input_size, cfg.input_size))["mid"].shape[1]
     return SCLNet(encoder, mid_dim, cfg.reduce_dim, cfg.bins, cfg.dropout, cfg.self_guided, cfg.eps)
 
-def seg_ce(logits: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    "Cross-entropy of logits [B,2,h,w], upsampled (bilinear) to the mask [B,H,W]; `ignore_index` ignored."
+def seg_ce(logits: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255, fg_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of logits [B,2,h,w], upsampled (bilinear) to the mask [B,H,W]; `ignore_index` ignored.
+    `fg_weight` weights the foreground terms (1: SCL's plain CE; another chapter may train this model with a weight)."""
     logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=True)
-    return F.cross_entropy(logits, mask, ignore_index=ignore_index)
+    weight = None if fg_weight == 1 else torch.tensor([1.0, fg_weight], device=logits.device)
+    return F.cross_entropy(logits.float(), mask, weight=weight, ignore_index=ignore_index)
 
 def scl_loss(out: dict, query_mask: torch.Tensor, support_mask: torch.Tensor, aux_weight: float = 1.0,
-             ignore_index: int = 255) -> dict:
+             ignore_index: int = 255, fg_weight: float = 1.0) -> dict:
     "L = CE(Y_q) + CE(S_s) + CE(S'_s) + aux_weight * sum over passes of mean_bins CE(inner); baseline: the q terms."
     passes = [("q", "logits_q", "inner_q", query_mask)]
     if "logits_s2" in out:
         passes += [("s", "logits_s", "inner_s", support_mask), ("s2", "logits_s2", "inner_s2", support_mask)]
     terms = {}
     for name, main, inner, mask in passes:
-        terms[f"ce_{name}"] = seg_ce(out[main], mask, ignore_index)
-        terms[f"inner_{name}"] = torch.stack([seg_ce(o, mask, ignore_index) for o in out[inner]]).mean()
+        terms[f"ce_{name}"] = seg_ce(out[main], mask, ignore_index, fg_weight)
+        terms[f"inner_{name}"] = torch.stack([seg_ce(o, mask, ignore_index, fg_weight) for o in out[inner]]).mean()
     loss = sum(v for k, v in terms.items() if k.startswith("ce_")) + \
         aux_weight * sum(v for k, v in terms.items() if k.startswith("inner_"))
     return dict(loss=loss, **terms)
 
-def train_step(model: SCLNet, batch: dict, aux_weight: float = 1.0) -> dict:
+def train_step(model: SCLNet, batch: dict, aux_weight: float = 1.0, fg_weight: float = 1.0) -> dict:
     "The losses of a batch of 1-shot episodes: images (encoded here) or cached frozen features (`mid_q`, ...)."
     f = batch if "mid_q" in batch else \
         episode_features(model.encoder, batch["query_image"], batch["support_images"][:, :1], batch["support_masks"][:, :1])
     mask_s = batch["support_masks"][:, 0]
     out = model(f["mid_q"], f["high_q"], f["mid_s"][:, 0], f["high_s"][:, 0], mask_s)
-    return scl_loss(out, batch["query_mask"], mask_s, aux_weight)
+    return scl_loss(out, batch["query_mask"], mask_s, aux_weight, fg_weight=fg_weight)
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #8fbbb046
 @torch.no_grad()
@@ -190,7 +192,7 @@ def predict(model: SCLNet, query_image: torch.Tensor, support_images: torch.Tens
 
 # %% ../../nbs/40_fewshot/41_scl.ipynb #6077db25
 CONFIG = dict(
-    common=dict(fold=0, seed=0, aux_weight=1.0, eps=5e-4, self_guided=True, shots=5, ckpt_every=100,
+    common=dict(fold=0, seed=0, aux_weight=1.0, fg_weight=1.0, eps=5e-4, self_guided=True, shots=5, ckpt_every=100,
                 difficulty=0.5, bg_similarity=0.0, support_lookalike=0.0,  # ToyWorld episode knobs
                 query_distractors=2, support_colour=1.0),       # (the full profile ignores them)
     toy=dict(benchmark="toyworld", backbone="toy_clip", pretrained=True, size=64, input_size=128, reduce_dim=32,
@@ -250,7 +252,7 @@ def train(cfg, data=None, callbacks=(), ckpt=None) -> tuple[SCLNet, History]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
         torch.optim.SGD(params, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    history = fit(model, lambda m, b: train_step(m, b, cfg.aux_weight), loader, opt, steps=cfg.steps,
+    history = fit(model, lambda m, b: train_step(m, b, cfg.aux_weight, cfg.fg_weight), loader, opt, steps=cfg.steps,
                   scheduler=lr_schedule(opt, cfg.steps, "poly", power=0.9), amp=cfg.amp, seed=cfg.seed,
                   device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every,
                   desc="SCL" if cfg.self_guided else "baseline")
