@@ -13,7 +13,7 @@ import torch
 
 from seglab.config import pick
 from seglab.data import download as dl
-from seglab.data.datasets import ACDCSlices, ACDCVolumes, DatasetNotFoundError
+from seglab.data.datasets import ACDCSlices, DatasetNotFoundError
 from seglab.methods import abd
 
 from interrupt import assert_resumes_exactly

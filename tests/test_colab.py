@@ -2,7 +2,6 @@
 each rule failing on its fixture in tests/fixtures/ (regenerate them with tests/fixtures/make_fixtures.py), the fixer,
 the GPU metadata surviving nbdev_clean, and student copies."""
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path

@@ -3,7 +3,6 @@ that prepares only the images the HP recipe uses, tested on a small zip shaped l
 import dataclasses
 import hashlib
 import io
-import warnings
 
 import numpy as np
 import pytest

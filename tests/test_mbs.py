@@ -1,7 +1,6 @@
 """Checks of the MBS chapter module (seglab.methods.mbs): the object identifier and pseudo labels against ToyWorld's
 truth (and the breakages they catch), resume through seglab.engine.fit within and across an incremental step, the CLI
 wiring, and the full config for one step on the real VOC samples."""
-import os
 
 import pytest
 import torch

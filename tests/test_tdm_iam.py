@@ -1,7 +1,6 @@
 """TDM-IAM chapter (`seglab.methods.tdm_iam`, a reconstruction): resume, tour, bench case, the full CONFIG for one
 step on a CUB layout built from the CUB sample, and the toy pool's truth."""
 import os
-from pathlib import Path
 
 import pytest
 import torch

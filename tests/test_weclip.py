@@ -59,10 +59,9 @@ import math
 import os
 
 import pytest
-import torch.nn.functional as F
 
 from seglab.backbones import toy_clip
-from seglab.cam import box_mask, class_scores, colour_prompts, grad_cam
+from seglab.cam import box_mask, class_scores, colour_prompts
 from seglab.config import pick, seed_everything
 from seglab.data.datasets import sample_data_dir
 from seglab.methods.weclip import (CONFIG, WeakCrops, build_model, cache_clip_pass, clip_pass, evaluate, toy_batches,
