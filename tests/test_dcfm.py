@@ -170,6 +170,21 @@ def test_mechanism_needs_dpg_and_breakages_change_the_seeds():
     assert torch.equal(mixed[0]["images"][1], groups[1]["images"][1])
 
 
+def test_truth_seeds_sit_on_the_common_object_and_by_distractor_counts_every_seed():
+    cfg = tiny()
+    groups = [dcfm.DistractorGroups(3, size=32, seed=4)[i] for i in range(3)]
+    net = dcfm.build_model(cfg)
+    truth = dcfm.mechanism(net, groups, "truth")
+    assert truth["seed_precision"] == 1.0 and truth["on_object"] == 1.0 and truth["seeds_per_image"] == 1
+    mined = dcfm.mechanism(net, groups)
+    by = mined["by_distractor"]                                              # distractor class -> (on common, on an object)
+    assert set(by) == {d for g in groups for d in g["distractor_ids"].tolist()}
+    hits, n = sum(a for a, _ in by.values()), sum(b for _, b in by.values())
+    assert n == round(mined["on_object"] * mined["seeds_per_image"] * 15) and abs(hits / n - mined["seed_precision"]) < 1e-12
+    with pytest.raises(ValueError, match="square"):
+        dcfm.truth_seeds(groups[0]["masks"])(torch.zeros(5, 12))
+
+
 def test_common_auroc_measures_which_object_a_map_prefers():
     groups = [dcfm.DistractorGroups(2, size=32, seed=1)[i] for i in range(2)]
     common = [g["masks"] for g in groups]

@@ -30,8 +30,8 @@ __all__ = ['VGG_STAGES', 'CONFIG', 'BENCH_HAS_CACHE', 'DistractorGroups', 'Encod
            'CoSODMeter', 'predict', 'score_maps', 'evaluate', 'coco128_groups', 'load_groups', 'coco128_sample_root',
            'split_groups', 'make_data', 'frozen_cache', 'GroupBatches', 'BestOnVal', 'train', 'frozen_features',
            'consensus_map', 'group_mean_map', 'training_free_scores', 'rgb_pixel_maps', 'rgb_pixel_scores',
-           'object_oracle_maps', 'chance_scores', 'common_auroc', 'mechanism', 'random_seeds', 'argmin_seeds',
-           'all_seeds', 'shuffle_groups', 'identity_dpg', 'tour', 'bench_case']
+           'object_oracle_maps', 'chance_scores', 'common_auroc', 'truth_seeds', 'mechanism', 'random_seeds',
+           'argmin_seeds', 'all_seeds', 'shuffle_groups', 'identity_dpg', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/62_dcfm.ipynb #790a2841
 def _place(rng: np.random.Generator, size: int, r1: float, r2: float, gap: float = 1.25, tries: int = 200):
@@ -604,29 +604,49 @@ def common_auroc(maps: list[torch.Tensor], groups: list[dict]) -> float:
             aucs.append(auroc(r[sel], (m > 0.5)[sel]))
     return float(np.nanmean(aucs))
 
+def truth_seeds(masks: torch.Tensor):
+    """A reference seed rule made from ToyWorld's truth (not a method): one seed per image at the x5 cell that the
+    common object (`masks` [B,H,W]) covers most. R from these seeds shows what the correlation map can reach on
+    these features when every seed is right. Returns a `seed_fn(votes) -> mask` for this group (square x5 grid)."""
+    def seed_fn(votes: torch.Tensor) -> torch.Tensor:
+        B, hw = votes.shape
+        h = int(round(hw ** 0.5))
+        if h * h != hw or B != len(masks):
+            raise ValueError(f"truth_seeds needs the group's own masks and a square x5 grid; got votes {tuple(votes.shape)}"
+                             f" for {len(masks)} masks")
+        cover = F.adaptive_avg_pool2d(masks[:, None].float(), (h, h)).flatten(1).to(votes.device)
+        mask = torch.zeros_like(votes)
+        mask[torch.arange(B), cover.argmax(1)] = 1
+        return mask
+    return seed_fn
+
 @torch.no_grad()
 def mechanism(model: DCFMNet, groups: list[dict], seed_fn=None) -> dict:
     """DPG against ToyWorld's truth on groups with `distractors`: **seed precision** (of the seeds that land on one
     of the two objects, the share on the common object; chance ≈ 1/2 since both are equally salient), `on_object`
     (share of seeds on either object) and **R's AUROC** (common-object pixels against distractor pixels, R
-    upsampled to the image; 0.5 = R cannot tell them apart), averaged over images."""
+    upsampled to the image; 0.5 = R cannot tell them apart), averaged over images. `by_distractor`: per distractor
+    class id, (seeds on the common object, seeds on either object) of the images holding that distractor.
+    `seed_fn="truth"` puts every seed on the common object (`truth_seeds`, a reference)."""
     if model.dpg is None:
         raise ValueError("the model has no DPG (dpg=False): there are no seeds or R maps to measure")
     hit = miss = n_seeds = 0
-    Rs = []
+    Rs, by = [], {}
     for g in groups:
-        _, out = predict(model, g["images"], seed_fn)
+        _, out = predict(model, g["images"], truth_seeds(g["masks"]) if seed_fn == "truth" else seed_fn)
         seeds, R = out["seeds"].cpu(), out["R"].cpu()
         h, w = seeds.shape[-2:]
         common = F.adaptive_avg_pool2d(g["masks"][:, None], (h, w))
         distr = F.adaptive_avg_pool2d(g["distractors"][:, None], (h, w))
         on = seeds > 0
-        hit += int((on & (common > distr)).sum())
-        miss += int((on & (distr > common)).sum())
-        n_seeds += int(on.sum())
+        hits, misses = (on & (common > distr)).flatten(1).sum(1), (on & (distr > common)).flatten(1).sum(1)
+        hit, miss, n_seeds = hit + int(hits.sum()), miss + int(misses.sum()), n_seeds + int(on.sum())
+        for d, a, b in zip(g.get("distractor_ids", torch.full((len(hits),), -1)).tolist(), hits.tolist(), misses.tolist()):
+            by[d] = (by.get(d, (0, 0))[0] + a, by.get(d, (0, 0))[1] + a + b)
         Rs.append(R)
     return dict(seed_precision=hit / max(hit + miss, 1), on_object=(hit + miss) / max(n_seeds, 1),
-                r_auroc=common_auroc(Rs, groups), seeds_per_image=n_seeds / sum(len(g["masks"]) for g in groups))
+                r_auroc=common_auroc(Rs, groups), seeds_per_image=n_seeds / sum(len(g["masks"]) for g in groups),
+                by_distractor=dict(sorted(by.items())))
 
 def random_seeds(votes: torch.Tensor) -> torch.Tensor:
     "Breakage: one seed per image at a random pixel instead of the mined one."
