@@ -102,6 +102,34 @@ def test_propagation_check_passes_and_catches_every_breakage():
     assert report["correct"] >= 0.8 and set(report) == {"correct", *sc.BREAKAGES}
 
 
+
+def test_propagate_start_and_optimizer():
+    data = sc.stack_scenes(sc.ScribbleSaliencyScenes(2, size=24, seed=0))
+    kw = dict(scale=1.0, sigma_xy=3.0, radius=3, steps=5)
+    assert torch.equal(sc.propagate(data["image"], data["scribble"], **kw),
+                       sc.propagate(data["image"], data["scribble"], init=torch.zeros(2, 1, 24, 24), **kw))
+    sure = (data["mask"] * 2 - 1)[:, None] * 30                      # confident logits stay where they start
+    s = sc.propagate(data["image"], data["scribble"], init=sure, optimizer="sgd", lr=1.0, **kw)
+    assert torch.equal(s > 0.5, data["mask"] > 0.5)
+    moved = sc.propagate(data["image"], data["scribble"], optimizer="sgd", lr=1.0, **kw)
+    adam = sc.propagate(data["image"], data["scribble"], **kw)
+    assert (moved - 0.5).abs().mean() < (adam - 0.5).abs().mean()    # raw gradients move a free map less than Adam
+    with pytest.raises(ValueError, match="optimizer"):
+        sc.propagate(data["image"], data["scribble"], optimizer="lbfgs", **kw)
+
+
+def test_head_gradients_measure_each_term_on_out2():
+    cfg = tiny()
+    data = sc.make_data(cfg)["train"]
+    model = sc.build_model(cfg)
+    g = sc.head_gradients(model, data["image"], data["scribble"], cfg)
+    assert g["pce"] > 0 and g["lsc"] > 0 and abs(g["ratio"] - g["lsc"] / g["pce"]) < 1e-6
+    assert g["logits"].shape == (len(data["image"]), 1, cfg.size, cfg.size) and not g["logits"].requires_grad
+    off = sc.head_gradients(model, data["image"], data["scribble"], cfg.replace(lsc_weight=0.0))
+    assert off["lsc"] == 0 and abs(off["pce"] - g["pce"]) < 1e-6
+    double = sc.head_gradients(model, data["image"], data["scribble"], cfg.replace(lsc_weight=0.6))
+    assert abs(double["lsc"] - 2 * g["lsc"]) < 1e-6 * max(1.0, g["lsc"])
+
 def test_scenes_vary_colour_and_keep_scribbles_inside_their_region():
     d = sc.stack_scenes(sc.ScribbleSaliencyScenes(4, size=40, seed=0))
     assert ((d["scribble"] == 1) <= (d["mask"] > 0)).all() and ((d["scribble"] == 0) <= (d["mask"] == 0)).all()

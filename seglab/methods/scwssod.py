@@ -30,8 +30,8 @@ __all__ = ['HEAD_WEIGHTS', 'CONFIG', 'BREAKAGES', 'ScribbleSaliencyScenes', 'sta
            'HeadAttention', 'GlobalContext', 'AGGM', 'SRM', 'SCWSSODNet', 'build_model', 'scwssod_losses', 'train_step',
            'triangle', 'make_optimizer', 'kernel_leak', 'kernel_coherence', 'voc_salient_crops', 'sod_stack',
            'make_data', 'scribble_batches', 'train', 'predict', 'saliency_scores', 'evaluate', 'toy_cnn_features',
-           'pixel_baseline', 'chance_maps', 'baseline_scores', 'mask_oracle', 'score_table', 'breakage_report',
-           'chance_scores', 'tour', 'bench_case']
+           'pixel_baseline', 'chance_maps', 'baseline_scores', 'mask_oracle', 'head_gradients', 'score_table',
+           'breakage_report', 'chance_scores', 'tour', 'bench_case']
 
 # %% ../../nbs/60_saliency/61_scwssod.ipynb #7f457758
 class ScribbleSaliencyScenes(ToyDataset):
@@ -202,13 +202,17 @@ def far_scores(s: torch.Tensor, mask: torch.Tensor, scribble: torch.Tensor, far_
 
 def propagate(image: torch.Tensor, scribble: torch.Tensor, lsc_weight: float = 0.3, scale: float = 0.5,
               sigma_xy: float = 6.0, sigma_rgb: float = 0.1, radius: int = 5, steps: int = 80, lr: float = 0.1,
-              norm=TOY_NORM) -> torch.Tensor:
-    """Label propagation by the losses alone: a free logit map per image (no network), initialised at s = 0.5 and
-    trained with Adam on pCE + `lsc_weight`·LSC for `steps` steps. Returns s [N,H,W]."""
+              norm=TOY_NORM, init: torch.Tensor | None = None, optimizer: str = "adam") -> torch.Tensor:
+    """Label propagation by the losses alone: a free logit map per image (no network), initialised at s = 0.5 (or at
+    the logits `init` [N,1,H,W]) and trained with `optimizer` ('adam': per-pixel step sizes; 'sgd': plain gradient
+    descent, each pixel moved by its raw gradient) on pCE + `lsc_weight`·LSC for `steps` steps. Returns s [N,H,W]."""
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r}; use 'adam' or 'sgd'")
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
     K = lsc_kernel((image - mean) / std, scale, sigma_xy, sigma_rgb, radius)
-    z = torch.zeros(len(image), 1, *image.shape[-2:], requires_grad=True)
-    opt = torch.optim.Adam([z], lr=lr)
+    z0 = torch.zeros(len(image), 1, *image.shape[-2:]) if init is None else init.detach().float().reshape(len(image), 1, *image.shape[-2:])
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr) if optimizer == "adam" else torch.optim.SGD([z], lr=lr)
     for _ in range(steps):
         s = torch.sigmoid(z)
         loss = pce_loss(s, scribble) + (lsc_weight * lsc_loss(s, K, scale, radius) if lsc_weight else 0)
@@ -576,6 +580,19 @@ def mask_oracle(cfg, data: dict) -> dict:
     `train`'s dict. A loss that adds labels (LSC) can at best bring the pCE-only network up to this one."""
     tr = dict(data["train"], scribble=(data["train"]["mask"] > 0.5).long())
     return train(cfg.replace(lsc_weight=0.0, ssc=False), dict(data, train=tr))
+
+def head_gradients(model: nn.Module, image: torch.Tensor, scribble: torch.Tensor, cfg) -> dict:
+    """How hard each term pushes the prediction: norms of the gradients that pCE and `cfg.lsc_weight`·LSC send to
+    out2's logits (eval mode, the training loss's form and kernel) on `image` [N,3,H,W] with `scribble` [N,H,W];
+    `pce`, `lsc` and `ratio` = lsc / pce. Also returns out2's logits at the input size (`logits` [N,1,H,W])."""
+    model.eval()
+    with torch.no_grad():
+        o = upsample_to(model(image)[0].float(), image)
+    o.requires_grad_(True)
+    K = lsc_kernel(normalize(model.backbone, image), cfg.lsc_scale, cfg.sigma_xy, cfg.sigma_rgb, cfg.radius)
+    g_p = torch.autograd.grad(pce_loss(torch.sigmoid(o), scribble, cfg.pce == "official"), o)[0].norm()
+    g_l = torch.autograd.grad(cfg.lsc_weight * lsc_loss(torch.sigmoid(o), K, cfg.lsc_scale, cfg.radius), o)[0].norm()
+    return dict(pce=float(g_p), lsc=float(g_l), ratio=float(g_l / g_p.clamp_min(1e-12)), logits=o.detach())
 
 def score_table(rows: dict) -> None:
     "Print max F_β (mean PR), MAE and the far-from-scribble mechanism for each named result."
