@@ -365,24 +365,89 @@ def _environ(env: dict):
     finally:
         os.environ.clear(); os.environ.update(old)
 
-def execute_notebook(src: str | Path, dst: str | Path, cwd: str | Path | None = None, timeout: int = 900) -> float:
-    "Execute notebook `src` in a fresh kernel (working directory `cwd`, default its folder) into `dst`; returns seconds."
+def _watched(work, beat: list, stall: float, on_stall, poll: float = 1.0):
+    """Run `work()` in a daemon thread and return its result; `beat[0]` is the `time.monotonic()` of its last sign of
+    progress. If none comes for `stall` seconds, call `on_stall()` (which should end the work), wait up to 30 s
+    for the thread, and raise TimeoutError whether or not it ended: a hang anywhere, even outside nbclient's timeouts,
+    becomes an error."""
+    import threading
+    out = {}
+    def run():
+        try:
+            out["value"] = work()
+        except BaseException as e:   # handed to the caller's thread
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(poll)
+        if t.is_alive() and time.monotonic() - beat[0] > stall:
+            on_stall()
+            t.join(30)
+            raise TimeoutError(f"no progress for {stall:.0f} s")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+def _nbclient_run(nb, cwd: Path, timeout: int, where: dict) -> None:
+    """Run `nb` (in place) once with nbclient in a fresh kernel, each cell within `timeout` seconds; `where["cell"]` is
+    the index of the cell being executed. Output that has not arrived 30 s after a cell's reply is an error too (a lost
+    message), not a silently missing figure; and a run that makes no progress (no cell started or finished) for
+    `timeout` + 150 s, wherever it waits, has its kernel killed and raises TimeoutError."""
     import nbclient
+    client = nbclient.NotebookClient(nb, timeout=timeout, startup_timeout=120, iopub_timeout=30,
+                                     raise_on_iopub_timeout=True, kernel_name="python3",
+                                     resources={"metadata": {"path": str(cwd)}})
+    beat = [time.monotonic()]
+    def started(cell, cell_index):
+        where.update(cell=cell_index); beat[0] = time.monotonic()
+    client.on_cell_execute = started
+    client.on_cell_executed = lambda **_: beat.__setitem__(0, time.monotonic())
+    def kill():
+        proc = getattr(getattr(client.km, "provisioner", None), "process", None)
+        if proc is not None:
+            proc.kill()
+    # the kernel's own log lines go to /dev/null; cell errors arrive as messages
+    _watched(lambda: client.execute(stderr=subprocess.DEVNULL), beat, timeout + 150, kill)
+
+def _cell_name(nb, i) -> str:
+    if i is None:
+        return "before the first cell (kernel start-up)"
+    first = next((l for l in _src(nb.cells[i]).splitlines() if l.strip() and not l.lstrip().startswith("#|")), "")
+    return f"cell {i} (`{first.strip()[:60]}`)"
+
+def execute_notebook(src: str | Path, dst: str | Path, cwd: str | Path | None = None, timeout: int = 300,
+                     retries: int = 1, run=None) -> float:
+    """Execute notebook `src` in a fresh kernel (working directory `cwd`, default its folder) into `dst`; returns seconds.
+    A cell that runs past `timeout` seconds, a kernel that dies or stops answering (a lost message) gets the notebook
+    `retries` more runs in a fresh kernel; if those fail too, or a cell raises, the RuntimeError names the notebook and
+    the cell. `run(nb, cwd, timeout, where)`: the executor (default nbclient; the tests pass a fake one)."""
     import nbformat
-    src, t0 = Path(src), time.time()
-    nb = nbformat.read(src, as_version=4)
-    skipped = [c for c in nb.cells if c.cell_type == "code" and site_skips(c)]
-    for c in skipped:
-        c.metadata.setdefault("tags", []).append("skip-execution")
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd or src.parent)}})
-    try:
-        client.execute(stderr=subprocess.DEVNULL)   # the kernel's own log lines; cell errors arrive as messages
-    except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError,
-            nbclient.exceptions.DeadKernelError) as e:
-        last = [l for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
-        raise RuntimeError(f"{src.name}: a cell failed while executing the notebook for the site: "
-                           f"{' '.join(last)[:300]}. Fix the notebook, or build with `seglab docs --no-execute`.") from None
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    src, t0, run = Path(src), time.time(), run or _nbclient_run
+    for attempt in range(retries + 1):
+        nb = nbformat.read(src, as_version=4)
+        skipped = [c for c in nb.cells if c.cell_type == "code" and site_skips(c)]
+        for c in skipped:
+            c.metadata.setdefault("tags", []).append("skip-execution")
+        where = dict(cell=None)
+        try:
+            run(nb, Path(cwd or src.parent), timeout, where)
+            break
+        except CellExecutionError as e:   # the notebook's own error: a second run would fail the same way
+            last = [l for l in str(e).splitlines() if l.strip()][-1:] or [type(e).__name__]
+            raise RuntimeError(f"{src.name}: {_cell_name(nb, where['cell'])} failed while executing the notebook for "
+                               f"the site: {' '.join(last)[:300]}. Fix the notebook, or build with "
+                               f"`seglab docs --no-execute`.") from None
+        except (CellTimeoutError, DeadKernelError, TimeoutError, RuntimeError) as e:   # the kernel's trouble
+            why = f"ran past the {timeout} s cell timeout" if isinstance(e, (CellTimeoutError, TimeoutError)) else \
+                f"lost its kernel ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
+            if attempt == retries:
+                raise RuntimeError(f"{src.name}: {_cell_name(nb, where['cell'])} {why}, on each of {retries + 1} runs "
+                                   f"in a fresh kernel. Run the notebook by hand to see where it stops, or build with "
+                                   f"`seglab docs --no-execute`.") from None
+            print(f"seglab docs: {src.name}: {_cell_name(nb, where['cell'])} {why}; running the notebook again in a "
+                  f"fresh kernel", file=sys.stderr)
     for c in skipped:
         c.metadata["tags"].remove("skip-execution")
         if not c.metadata["tags"]:
@@ -412,9 +477,9 @@ def process_notebooks(root: Path, work: Path) -> Path:
         raise RuntimeError("nbdev could not process the notebooks:\n" + (r.stdout + r.stderr)[-4000:])
     return work / "_proc"
 
-def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = None) -> dict[str, object]:
+def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = None, timeout: int = 300) -> dict[str, object]:
     """Execute the notebooks of the copy `nbs` (of `root/nbs`) in place, in the toy profile, `jobs` at a time (default:
-    up to 2); `which`: "all" or a list of paths relative to nbs/. Cached under <SEGLAB_CACHE>/site/ by
+    up to 2), each cell within `timeout` seconds; `which`: "all" or a list of paths relative to nbs/. Cached under <SEGLAB_CACHE>/site/ by
     `execution_key`. Returns path -> seconds, "cached", or the error of a notebook that failed (its page then shows
     the unexecuted notebook; the other notebooks still run)."""
     from tqdm.auto import tqdm
@@ -429,7 +494,7 @@ def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = Non
             result = "cached"
         else:
             try:
-                result = execute_notebook(root / "nbs" / rel, hit, cwd=(root / "nbs" / rel).parent)
+                result = execute_notebook(root / "nbs" / rel, hit, cwd=(root / "nbs" / rel).parent, timeout=timeout)
             except RuntimeError as e:
                 return rel, f"failed: {e}"
         shutil.copy(hit, nbs / rel)
@@ -438,10 +503,10 @@ def execute_notebooks(root: Path, nbs: Path, which="all", jobs: int | None = Non
         return dict(tqdm(pool.map(run, todo), total=len(todo), desc="executing notebooks", unit="nb"))
 
 def build_site(out: str | Path = "_site", root: str | Path | None = None, quiet: bool = True,
-               proc: str | Path | None = None, execute="all", jobs: int | None = None) -> dict:
+               proc: str | Path | None = None, execute="all", jobs: int | None = None, timeout: int = 300) -> dict:
     """Build the course website into `out` (relative to the checkout); returns where, how long, how many pages and
-    which notebooks ran. `execute`: "all", a list of notebooks (paths relative to nbs/) or None (text only); `proc`:
-    reuse an already processed folder (then nothing is executed)."""
+    which notebooks ran. `execute`: "all", a list of notebooks (paths relative to nbs/) or None (text only), each cell
+    within `timeout` seconds (`execute_notebook`); `proc`: reuse an already processed folder (then nothing is executed)."""
     root = repo_root(root)
     out = Path(out) if Path(out).is_absolute() else root / out
     t0 = time.time()
@@ -453,7 +518,7 @@ def build_site(out: str | Path = "_site", root: str | Path | None = None, quiet:
             shutil.copy(root / "settings.ini", tmp / "proc" / "settings.ini")
             shutil.copytree(root / "nbs", tmp / "proc" / "nbs", ignore=shutil.ignore_patterns("_*", ".ipynb_checkpoints"))
             if execute:
-                executed = execute_notebooks(root, tmp / "proc" / "nbs", execute, jobs)
+                executed = execute_notebooks(root, tmp / "proc" / "nbs", execute, jobs, timeout)
             proc = process_notebooks(root, tmp / "proc")
         proc = Path(proc)
         src = tmp / "src"

@@ -18,6 +18,7 @@ from seglab.course import build_site
 ROOT = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = shutil.which("chromedriver")
 EXECUTED = ["00_foundations/06_viz.ipynb"]   # a few seconds; the full build (`seglab docs`) executes every notebook
+CELL_TIMEOUT_S = 120   # per cell of the executed notebook: a kernel that stops answering fails the build, not hangs it
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -27,7 +28,8 @@ def site(tmp_path_factory, request):
     if not (os.environ.get("CI") or "slow" in flags):
         pytest.skip("slow (the site build takes 2-6 minutes): runs in CI (.ci/run sets CI) or with SEGLAB_FLAGS=slow")
     out = Path(os.environ.get("SEGLAB_SITE_OUT") or tmp_path_factory.mktemp("site") / "_site")
-    info = build_site(out, root=ROOT, execute=EXECUTED)   # one notebook executed: its figures must reach the page
+    # one notebook executed (its figures must reach the page); a cell that hangs fails in 2 min, after one retry
+    info = build_site(out, root=ROOT, execute=EXECUTED, timeout=CELL_TIMEOUT_S)
     print(f"site: {len(info['pages'])} pages in {info['seconds']} s, {len(info['warnings'])} Sphinx warnings, "
           f"executed {info['executed']} -> {out}")
     return info

@@ -202,3 +202,50 @@ def test_toy_losses_are_the_weakest_channels_and_the_signal_the_strongest():
     assert lost < 0.7 * other and other < 0.7 * signal
     clutter, other, signal = energies(cfg.replace(nuisance_kind="add", amplitude=1.0, nuisance_channels=6))
     assert clutter > signal > other                                   # the card's clutter toy: not monotone
+
+
+def _plain_block(cin: int, cout: int) -> torch.nn.Sequential:
+    "Conv-4's block as FRN writes it: conv -> BN -> ReLU -> nn.MaxPool2d(2)."
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+
+
+def _saved_bytes(fn) -> int:
+    "Bytes of the tensors autograd saves for backward while `fn()` runs."
+    total = []
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(total), out
+
+
+@pytest.mark.parametrize("x", [torch.randn(6, 3, 21, 21, generator=torch.Generator().manual_seed(0)),
+                               torch.randint(-2, 3, (4, 3, 10, 12), generator=torch.Generator().manual_seed(1)).float()],
+                         ids=["odd-size", "ties"])
+def test_conv_block_is_the_plain_block_bitwise_with_less_saved_memory(x):
+    """`tdm.conv_block` (max-pool before the ReLU, `MaxPool2` keeping only indices) = FRN's conv -> BN -> ReLU ->
+    max-pool: outputs, input and weight gradients and BN running statistics bitwise equal, in training (odd map sizes,
+    tied values) and in eval; and autograd saves at least the full-size ReLU map less."""
+    torch.manual_seed(0)
+    new = tdm.conv_block(3, 8)
+    old = _plain_block(3, 8)
+    old.load_state_dict(new.state_dict())
+    assert new.state_dict().keys() == old.state_dict().keys()   # checkpoints load either way
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved_new, ya = _saved_bytes(lambda: new(xa))
+    saved_old, yb = _saved_bytes(lambda: old(xb))
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(new.parameters(), old.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    relu_map = 8 * x.shape[0] * x.shape[2] * x.shape[3] * 4
+    assert saved_new <= saved_old - relu_map, (saved_new, saved_old)
+    new.eval(), old.eval()
+    with torch.no_grad():
+        assert torch.equal(new(x), old(x))
