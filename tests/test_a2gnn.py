@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from seglab.cli import get_chapter
 from seglab.config import pick
@@ -171,3 +173,44 @@ def test_box_accuracy_splits_inside_and_outside_the_boxes():
     m = a2gnn.mechanism(dict(pred=pred, removed=torch.zeros(1, 12, 12, dtype=torch.bool)),
                         dict(seeds=truth, mask=truth, filled=filled))
     assert m["inbox_acc_filled"] == 0.5 and m["outside_acc"] == r["outside_acc"]
+
+
+def test_pair_distance_matches_the_neighbour_tensor_and_its_gradient():
+    "The offset-by-offset D (`_WindowL1`) equals mean_c |x_j - x_i| over `neighbours`' window, and so does its gradient."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.double, requires_grad=True)
+    nb, ok = a2gnn.neighbours(x, 2)
+    ref = (nb - x[:, :, None]).abs().mean(1) * ok
+    D = a2gnn.pair_distance(x, 2)
+    assert torch.allclose(D, ref)
+    w = torch.randn(D.shape, generator=g, dtype=torch.double)
+    assert torch.allclose(torch.autograd.grad((D * w).sum(), x)[0], torch.autograd.grad((ref * w).sum(), x)[0])
+    assert torch.autograd.gradcheck(lambda v: a2gnn.pair_distance(v, 2), (x[:1, :2, :4, :5].detach().requires_grad_(),))
+
+
+class LargestOutput(TorchDispatchMode):
+    "Records the largest tensor (in elements) any aten op returns while active, backward included."
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_full_size_affinity_step_makes_no_neighbour_tensor():
+    """One affinity-head step (forward and backward) and the graph's A with the full CONFIG's head and window (3,584-d
+    node features, 448-d embedding, r = 4; 2 graphs of 24 x 24 nodes here, 40 x 40 in full) create no tensor larger
+    than their input features. Materialising the [B,448,81,h,w] neighbour tensor (10x the features, with its autograd
+    copies) pushed the full-CONFIG test to 3.9 GB peak RSS."""
+    cfg = pick(a2gnn.CONFIG, "full").replace(pretrained=False, device="cpu")
+    model = a2gnn.build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(2, sum(model.in_chs), 24, 24, generator=g)
+    batch = dict(feats=feats, y=torch.randint(21, (2, 24, 24), generator=g), K_aff=torch.rand(2, 81, 24, 24, generator=g))
+    with LargestOutput() as m:
+        a2gnn.train_step(model, batch, cfg)["loss"].backward()
+        with torch.no_grad():
+            a2gnn.graph_adjacency(model(feats), cfg.radius)
+    assert 0 < m.largest <= feats.numel(), f"an op returned {m.largest} elements (features: {feats.numel()})"

@@ -131,10 +131,39 @@ def neighbours(x: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor
     return nb, ones
 
 
+class _WindowL1(torch.autograd.Function):
+    """mean_c |x_i,c - x_j,c| over the window, one offset at a time (forward and backward), keeping only x for the
+    backward: memory O(B·C·h·w) instead of the [B,C,n_off,h,w] neighbour tensor (3 x 0.9 GB at 40 x 40, C = 448)."""
+    @staticmethod
+    def forward(ctx, x, radius):
+        ctx.save_for_backward(x)
+        ctx.radius = radius
+        h, w = x.shape[-2:]
+        xp, buf = F.pad(x, (radius,) * 4), torch.empty_like(x)    # one reused buffer: no allocation per offset
+        return torch.stack([torch.sub(x, xp[..., radius + dy:radius + dy + h, radius + dx:radius + dx + w], out=buf)
+                            .abs_().mean(1) for dy, dx in offsets(radius)], 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,), r = ctx.saved_tensors, ctx.radius
+        h, w = x.shape[-2:]
+        xp = F.pad(x, (r,) * 4)
+        gx, gp, s = torch.zeros_like(x), torch.zeros_like(xp), torch.empty_like(x)   # d/dx_i, d/dx_j (padded grid)
+        for k, (dy, dx) in enumerate(offsets(r)):
+            sl = (..., slice(r + dy, r + dy + h), slice(r + dx, r + dx + w))
+            torch.sub(x, xp[sl], out=s).sign_().mul_(g[:, k, None] / x.shape[1])
+            gx += s
+            gp[sl] -= s
+        return gx + gp[..., r:r + h, r:r + w], None
+
+
 def pair_distance(x: torch.Tensor, radius: int) -> torch.Tensor:
-    "D_ij = mean_c |x_i,c - x_j,c| for j in i's window: x [B,D,h,w] -> [B,n_off,h,w] (0 where j is off the grid)."
-    nb, ok = neighbours(x, radius)
-    return (nb - x[:, :, None]).abs().mean(1) * ok
+    """D_ij = mean_c |x_i,c - x_j,c| for j in i's window: x [B,D,h,w] -> [B,n_off,h,w] (0 where j is off the grid).
+    Computed offset by offset (`_WindowL1`): the same values as `(neighbours(x) - x).abs().mean(1)` without the
+    [B,D,n_off,h,w] tensor."""
+    _, ok = neighbours(x[:1, :1], radius)
+    return _WindowL1.apply(x, radius) * ok
 
 
 def to_dense(v: torch.Tensor, radius: int) -> torch.Tensor:
