@@ -125,6 +125,42 @@ def test_distill_pulls_attention_towards_the_correlation_target():
     assert kls[-1] < 0.5 * kls[0], kls
 
 
+def test_distill_averages_the_kl_over_the_keys():
+    """L_distill = mean over relevant clips of KL(softmax(C_i) ‖ A_i) / (N_d + L_t): the code's
+    `KLDivLoss(reduction='none')(...).mean(1)` (model.py:802). Fails on the summed KL (45 + L_t times larger)."""
+    g = torch.Generator().manual_seed(0)
+    nd, Lt = 5, 6
+    corr = torch.randn(2, 8, nd + Lt, generator=g)
+    A = torch.randn(2, 8, nd + Lt, generator=g).softmax(-1)
+    rel = torch.zeros(2, 8, dtype=torch.bool)
+    rel[0, 2:5], rel[1, 6] = True, True
+    p = corr.softmax(-1)
+    kl = (p * (p.log() - A.log())).sum(-1)                           # the KL, computed here
+    got = cg.distill_loss(dict(corr=corr, A=A), rel, torch.ones(2, Lt, dtype=torch.bool), nd)
+    assert float(got) == pytest.approx(float(kl[rel].mean()) / (nd + Lt), rel=1e-3)
+
+
+def test_t2v_keys_carry_the_dummies_learnable_positions():
+    """The T2V keys are [dummies + dummy positions; words] (the code's pos_txt_dummy, model.py:182), and the positions
+    are drawn N(0, 1) as the code's dummy_rep_pos. Fails when the keys are the encoded dummies alone (then the
+    attention ignores the positions) or at the old 0.02 initial scale."""
+    cfg = tiny()
+    b = random_batch(cfg)
+    torch.manual_seed(0)
+    net = cg.build_model(cfg).eval()
+    assert 0.8 < float(net.dummy_pos.std()) < 1.2 and 0.8 < float(net.dummies.std()) < 1.2
+    with torch.no_grad():
+        v, w = net.project(b["video"], b["vmask"], b["words"])
+        pos = cg.video_pos(v.shape[1], cfg.d).expand(len(v), -1, -1)
+        dm = net.dummy_tokens(w, b["tmask"])
+        keys = net.t2v_keys(w, dm)
+        assert torch.allclose(keys[:, :cfg.n_dummies], dm + net.dummy_pos) and torch.equal(keys[:, cfg.n_dummies:], w)
+        _, A1 = net.text_to_video(v, pos, w, b["tmask"], dm)
+        net.dummy_pos.add_(torch.randn_like(net.dummy_pos))          # same encoded dummies, other positions
+        _, A2 = net.text_to_video(v, pos, w, b["tmask"], dm)
+    assert not torch.allclose(A1, A2, atol=1e-4)
+
+
 def test_all_losses_present_finite_and_batch_size_one_runs():
     cfg = tiny()
     torch.manual_seed(0)
@@ -191,6 +227,29 @@ def test_engagement_report_separates_one_word_off_distractors():
     assert r["e_target"] == pytest.approx(0.6) and r["e_one_word_off"] == pytest.approx(0.4)
     assert r["e_other_distractor"] == pytest.approx(0.1) and r["e_distractor"] == pytest.approx(0.25)
     assert r["e_gap"] == pytest.approx(0.35) and r["e_background"] == pytest.approx(0.0)
+
+
+def test_word_report_reads_the_word_that_differs():
+    """one_word_off_masks files each one-word-off event under the word that differs; replace_word changes only that
+    word; word_report runs on a small trained-free model and reports every kind (catches a slot or kind mix-up)."""
+    q = "a person kicks the red disk"
+    split = dict(vmask=torch.ones(1, 10, dtype=torch.bool), gt=[dict(query=q)],
+                 events=[[("kicks red disk", 0.0, 4.0), ("drops red disk", 4.0, 8.0), ("kicks blue disk", 8.0, 12.0),
+                          ("kicks red ring", 12.0, 16.0), ("drops blue ring", 16.0, 20.0)]])
+    m = cg.one_word_off_masks(split)
+    assert m["verb"][0].nonzero()[:, 0].tolist() == [2, 3] and m["colour"][0].nonzero()[:, 0].tolist() == [4, 5]
+    assert m["shape"][0].nonzero()[:, 0].tolist() == [6, 7]
+    words = torch.tensor([[GROUNDING_VOCAB.index(w) for w in q.split()]])
+    for kind, slot in cg.WORD_SLOTS.items():
+        r = cg.replace_word(words, kind)
+        assert (r != words).nonzero()[:, 1].tolist() == [slot]
+        assert GROUNDING_VOCAB[int(r[0, slot])] in cg.WORD_KINDS[kind]
+    cfg = tiny()
+    sp = cg.toy_split(cfg, 8, 0)
+    torch.manual_seed(0)
+    rep = cg.word_report(cg.build_model(cfg), sp)
+    assert {f"e_off_{k}" for k in cg.WORD_SLOTS} <= set(rep) and "logit_lift_shape" in rep
+    assert all(np.isfinite(v) for k, v in rep.items() if not k.startswith("e_off_"))
 
 
 def test_bad_data_name_names_the_fix():

@@ -20,18 +20,18 @@ from ..data.datasets import DatasetNotFoundError, QVHighlights
 from ..engine import fit
 from ..bench import step_case
 from ..metrics import auroc, qvhighlights_eval
-from ..toyworld import CLIP_LEN, GROUNDING_VOCAB, GroundingVideos
+from ..toyworld import CLIP_LEN, COLOURS, GROUNDING_VERBS, GROUNDING_VOCAB, SHAPES, GroundingVideos
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'CONFIG', 'LinearLayer', 'input_proj', 'temporal_endpoints', 'sine_embed', 'video_pos', 'drop',
-           'Attention', 'FFN', 'EncoderLayer', 'T2VLayer', 'engagement', 'mlp', 'inverse_sigmoid', 'attend',
-           'DecoderLayer', 'CGDETR', 'span_cxw_to_xx', 'span_xx_to_cxw', 'giou_1d', 'match_cost', 'hungarian_assign',
-           'set_loss', 'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'ms_align_loss', 'distill_loss',
-           'orthogonal_loss', 'toy_split', 'RandomFeatures', 'qvh_text_feats', 'qvh_split', 'make_data', 'take',
-           'batch_stream', 'mismatched_queries', 'cgdetr_losses', 'build_model', 'train_step', 'train', 'predict',
-           'headline', 'evaluate', 'prior_predictions', 'ClipScorer', 'train_clip_scorer', 'windows_from_scores',
-           'clip_scorer_predictions', 'chance_predictions', 'engagement_report', 'seed_row', 'step_curve', 'tour',
-           'bench_case']
+__all__ = ['BATCH_KEYS', 'WORD_SLOTS', 'WORD_KINDS', 'CONFIG', 'LinearLayer', 'input_proj', 'temporal_endpoints', 'sine_embed',
+           'video_pos', 'drop', 'Attention', 'FFN', 'EncoderLayer', 'T2VLayer', 'engagement', 'mlp', 'inverse_sigmoid',
+           'attend', 'DecoderLayer', 'CGDETR', 'span_cxw_to_xx', 'span_xx_to_cxw', 'giou_1d', 'match_cost',
+           'hungarian_assign', 'set_loss', 'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'ms_align_loss',
+           'distill_loss', 'orthogonal_loss', 'toy_split', 'RandomFeatures', 'qvh_text_feats', 'qvh_split', 'make_data',
+           'take', 'batch_stream', 'mismatched_queries', 'cgdetr_losses', 'build_model', 'train_step', 'train',
+           'predict', 'headline', 'evaluate', 'prior_predictions', 'ClipScorer', 'train_clip_scorer',
+           'windows_from_scores', 'clip_scorer_predictions', 'chance_predictions', 'engagement_report',
+           'one_word_off_masks', 'replace_word', 'word_report', 'seed_row', 'step_curve', 'tour', 'bench_case']
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #2bf91058
 class LinearLayer(nn.Module):
@@ -190,8 +190,8 @@ class CGDETR(nn.Module):
         self.txt_proj = input_proj(cfg.word_dim, d, cfg.input_dropout, p)
         self.type_emb = nn.Embedding(2, d)
         if self.nd:
-            self.dummies = nn.Parameter(torch.randn(self.nd, d) * 0.02)
-            self.dummy_pos = nn.Parameter(torch.randn(self.nd, d) * 0.02)
+            self.dummies = nn.Parameter(torch.randn(self.nd, d))      # N(0, 1), as the code's dummy_rep_token / _pos
+            self.dummy_pos = nn.Parameter(torch.randn(self.nd, d))
             self.dummy_enc = nn.ModuleList([EncoderLayer(d, h, ff, p, nn.PReLU) for _ in range(cfg.dummy_layers)])
         self.t2v = nn.ModuleList([T2VLayer(d, h, ff, p) for _ in range(cfg.t2v_layers)])
         self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, d) * 0.02)
@@ -232,10 +232,15 @@ class CGDETR(nn.Module):
             x, _ = layer(x, pos, pad)
         return x[:, :self.nd]
 
+    def t2v_keys(self, w, dummies):
+        """The T2V keys [dummies + their learnable positions; words] (words get no position), as the code's
+        `pos_src[video_length:]` with `pos_txt_dummy` (`model.py:182`, `transformer.py:498-499`)."""
+        return w if dummies is None else torch.cat([dummies + self.dummy_pos, w], 1)
+
     def text_to_video(self, v, pos, w, tmask, dummies):
-        "The T2V layers with keys [dummies; words] and values words; A averaged over heads and layers."
+        "The T2V layers with keys `t2v_keys` and values words; A averaged over heads and layers."
         nd = 0 if dummies is None else dummies.shape[1]
-        keys = w if dummies is None else torch.cat([dummies, w], 1)
+        keys = self.t2v_keys(w, dummies)
         pad = torch.cat([torch.zeros(len(v), nd, dtype=torch.bool, device=v.device), ~tmask], 1)
         x, A = v, 0
         for layer in self.t2v:
@@ -416,10 +421,12 @@ def ms_align_loss(out: dict, relevant, vmask, dummy_margin: float = 0.2) -> torc
     return loss + (bce * vmask).sum() / vmask.sum()
 
 def distill_loss(out: dict, relevant, tmask, n_dummy: int) -> torch.Tensor:
-    "KL(softmax_j(C_ij) ‖ A_ij) averaged over ground-truth clips; the correlation target is detached."
+    """The pointwise KL terms softmax_j(C_ij)·(log softmax_j(C_ij) − log A_ij) **averaged** over the N_d + L_t keys j
+    (the code's `KLDivLoss(reduction='none')(...).mean(1)`, `model.py:802`), then over ground-truth clips; the
+    correlation target is detached."""
     pad = torch.cat([torch.zeros(len(tmask), n_dummy, dtype=torch.bool, device=tmask.device), ~tmask], 1)[:, None]
     target = out["corr"].masked_fill(pad, float("-inf")).softmax(-1).detach()
-    kl = (target * (torch.log(target + 1e-12) - torch.log(out["A"] + 1e-6))).masked_fill(pad, 0).sum(-1)
+    kl = (target * (torch.log(target + 1e-12) - torch.log(out["A"] + 1e-6))).masked_fill(pad, 0).mean(-1)
     m = relevant.float()
     return (kl * m).sum() / m.sum().clamp_min(1)
 
@@ -718,6 +725,62 @@ def engagement_report(out: dict, split: dict) -> dict:
                 auroc_e=auroc(e[split["vmask"]], target[split["vmask"]]), auroc_e_vs_distractor=auroc(e[both], target[both]),
                 auroc_S=auroc(S[split["vmask"]], target[split["vmask"]]))
 
+WORD_SLOTS = {"verb": 2, "colour": 4, "shape": 5}       # token positions in "a person <verb> the <colour> <shape>"
+WORD_KINDS = {"verb": list(GROUNDING_VERBS), "colour": list(COLOURS), "shape": list(SHAPES)}
+
+def one_word_off_masks(split: dict) -> dict:
+    "Clips of the one-word-off distractor events of a toy split, by the word that differs: {'verb'|'colour'|'shape': [N,T]}."
+    masks = {k: torch.zeros_like(split["vmask"]) for k in WORD_SLOTS}
+    for i, (evs, g) in enumerate(zip(split["events"], split["gt"])):
+        w = g["query"].split()
+        q = (w[2], w[4], w[5])
+        for text, s, t in evs:
+            diff = [j for j, (a, b) in enumerate(zip(text.split(), q)) if a != b]
+            if len(diff) == 1:
+                masks[list(WORD_SLOTS)[diff[0]]][i, int(s / CLIP_LEN):int(t / CLIP_LEN)] = True
+    return masks
+
+def replace_word(words: torch.Tensor, kind: str) -> torch.Tensor:
+    "Token ids with the query's `kind` word replaced by the next word of that kind (cyclically)."
+    index, L, j = {w: k for k, w in enumerate(GROUNDING_VOCAB)}, WORD_KINDS[kind], WORD_SLOTS[kind]
+    out = words.clone()
+    out[:, j] = torch.tensor([index[L[(L.index(GROUNDING_VOCAB[int(t)]) + 1) % len(L)]] for t in words[:, j]])
+    return out
+
+@torch.no_grad()
+def word_report(model: CGDETR, split: dict) -> dict:
+    """Which query words the engagement and the saliency read (toy splits): `e_target`; per word kind k, `e_off_k` (e
+    on clips of events that differ in k only), `auroc_e_off_k` / `auroc_S_off_k` (target vs those clips),
+    `e_target_k_replaced` (e on target clips when the query's k word is replaced); and `logit_lift_<word>`: the mean
+    T2V logit (max over heads, first T2V layer) of each query word on target minus background clips."""
+    model.eval()
+    subs, o = predict(model, split)
+    target = (split["saliency"] > 0) & split["vmask"]
+    off = one_word_off_masks(split)
+    distractor = torch.zeros_like(target)
+    for i, evs in enumerate(split["events"]):
+        for text, s, t in evs:
+            distractor[i, int(s / CLIP_LEN):int(t / CLIP_LEN)] = True
+    background = split["vmask"] & ~target & ~distractor
+    r = dict(e_target=float(o["e"][target].mean()))
+    for k, msk in off.items():
+        both = target | msk
+        r[f"e_off_{k}"] = float(o["e"][msk].mean())
+        r[f"auroc_e_off_{k}"] = auroc(o["e"][both], target[both])
+        r[f"auroc_S_off_{k}"] = auroc(o["S"][both], target[both])
+        r[f"e_target_{k}_replaced"] = float(predict(model, split, replace_word(split["words"], k))[1]["e"][target].mean())
+    dev = next(model.parameters()).device
+    v, w = model.project(split["video"].to(dev), split["vmask"].to(dev), split["words"].to(dev))
+    B, T, d = v.shape
+    keys = model.t2v_keys(w, model.dummy_tokens(w, split["tmask"].to(dev)) if model.nd else None)
+    at = model.t2v[0].attn
+    heads = lambda x: x.view(B, x.shape[1], at.h, -1).transpose(1, 2)
+    logit = (heads(at.q(v + video_pos(T, d, dev))) @ heads(at.k(keys)).transpose(-1, -2)).amax(1).cpu() / math.sqrt(d // at.h)
+    for j, name in enumerate(["a", "person", "verb", "the", "colour", "shape"]):
+        lj = logit[..., model.nd + j]
+        r[f"logit_lift_{name}"] = float(lj[target].mean() - lj[background].mean())
+    return r
+
 # %% ../../nbs/70_video/72_cgdetr.ipynb #9c06014b
 CONFIG = dict(
     common=dict(n_dummies=45, n_queries=10, n_prompts=10, top_prompts=1, correlation=True, w_class=4.0, w_l1=10.0,
@@ -736,7 +799,7 @@ CONFIG = dict(
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #9dd2b8da
 def seed_row(cfg, seed: int, variants: dict | None = None) -> dict:
-    "Headline metrics (+ engagement report) of CG-DETR, its variants and the baselines on toy seed `seed`."
+    "Headline metrics (+ engagement report) of CG-DETR, its variants and the baselines on toy seed `seed` (+ CG-DETR's `word_report` under 'words')."
     cfg = cfg.replace(seed=seed)
     data = make_data(cfg)
     tr, va = data["train"], data["val"]
@@ -749,6 +812,7 @@ def seed_row(cfg, seed: int, variants: dict | None = None) -> dict:
         if name == "CG-DETR":
             other = torch.randperm(len(va["video"]), generator=torch.Generator().manual_seed(1))
             row["swapped query"] = headline(predict(m, va, va["words"][other], va["tmask"][other])[0], va["gt"])
+            row["words"] = word_report(m, va)
     row["per-clip scorer"] = headline(clip_scorer_predictions(train_clip_scorer(cfg, tr), va), va["gt"])
     row["prior"] = headline(prior_predictions(tr, va), va["gt"])
     row["chance"] = headline(chance_predictions(va, seed), va["gt"])
