@@ -64,6 +64,67 @@ def test_bench_case_takes_a_step(cached, monkeypatch):
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
 
 
+# --- memory of a large training step: layer-wise checkpointing and the positional table ------------------------------
+def test_layerwise_checkpointing_changes_nothing():
+    """A large step (the full profile) runs each layer under activation checkpointing: the loss and every gradient
+    must equal the stored path's exactly, dropout included (its masks are replayed in the recomputation)."""
+    cfg = pick(tbs.CONFIG, "toy")
+    b = tbs.collate(tbs.make_episodes(cfg, False, 3, 2, "look-alike"))
+    out = []
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        net = tbs.build_model(cfg).train()
+        net.layerwise = layerwise
+        f = tbs.episode_blocks(net.encoder, b["query_image"], b["support_images"])
+        torch.manual_seed(1)
+        loss = tbs.seg_ce(net(f["f_q"], f["f_s"], b["support_masks"]), b["query_mask"])
+        loss.backward()
+        out.append((loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = out
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 50
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert tbs.build_model(cfg).layerwise is None                     # default: decided by the step's size
+
+
+def test_large_steps_are_layerwise(monkeypatch):
+    "The full profile's step size switches layer-wise checkpointing on; the toy's does not (its runs are unchanged)."
+    seen = []
+    orig = tbs.checkpoint
+    monkeypatch.setattr(tbs, "checkpoint", lambda fn, *a, **k: seen.append(getattr(fn, "__name__", "")) or orig(fn, *a, **k))
+    cfg = pick(tbs.CONFIG, "toy")
+    net = tbs.build_model(cfg).train()
+    b = tbs.collate(tbs.make_episodes(cfg, False, 2, 1, "plain"))
+    f = tbs.episode_blocks(net.encoder, b["query_image"], b["support_images"])
+    net(f["f_q"], f["f_s"], b["support_masks"])
+    assert seen == []
+    monkeypatch.setattr(tbs, "MAX_STORED", 0)                          # as if the step were the full profile's
+    net(f["f_q"], f["f_s"], b["support_masks"])
+    assert seen.count("layer") == 3 and "<lambda>" in seen          # stages 2-4 (one block each) and the first mixer
+    with torch.no_grad():                                              # evaluation never checkpoints
+        seen.clear(); net(f["f_q"], f["f_s"], b["support_masks"]); assert seen == []
+
+
+def test_positional_table_grows_as_needed():
+    "The table is built as long as the longest sequence seen, equal to the official all-rows table's first rows."
+    import math
+    pe = tbs.PositionalEncoding(8, dropout=0.0, max_len=50)
+    assert pe.pe.shape[1] == 0 and not pe.state_dict()
+    x = torch.zeros(1, 30, 8)
+    pos = torch.arange(50)[:, None]
+    div = torch.exp(torch.arange(0, 8, 2) * (-math.log(10000.0) / 8))
+    full = torch.zeros(50, 8)
+    full[:, 0::2], full[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    assert torch.equal(pe(x)[0], full[:30]) and pe.pe.shape[1] == 30
+    assert torch.equal(pe(torch.zeros(1, 10, 8))[0], full[:10]) and pe.pe.shape[1] == 30
+    with pytest.raises(ValueError, match="max_len"):
+        pe(torch.zeros(1, 51, 8))
+
+
+def test_full_profile_trains_one_shot():
+    "The official training is 1-shot (`train.py` squeezes the single support); the toy banks 2 supports per episode."
+    assert pick(tbs.CONFIG, "full").train_shots == 1 and pick(tbs.CONFIG, "toy").train_shots == 2
+
+
 # --- the toy's loss: small objects, foreground weighted --------------------------------------------------------------
 def test_toy_loss_weights_the_foreground(monkeypatch):
     """With plain CE the toy's small targets (about 6% of the pixels) taught both matchers to say "background" (held-out

@@ -91,9 +91,9 @@ MAX_STORED = 2 ** 20  # attention entries a training step may keep for backward;
 
 def recompute(elems: int) -> bool:
     """Whether a step whose attention has `elems` entries runs under activation checkpointing: only while gradients
-    are recorded and above `MAX_STORED` (the full profile: ResNet-50 at 320 px keeps 1600 x 3200 attention maps per
-    head and block, over 20 GB at batch 8 on stage 2 alone, and stage 3's cross-attentions another 4 GB; the toy
-    profile's maps are far smaller and stay stored, so its runs are unchanged)."""
+    are recorded and above `MAX_STORED` (the full profile: ResNet-50 at 320 px keeps 1600 x 1600 attention maps per
+    head and block, over 10 GB at batch 8 on stage 2 alone; the toy profile's maps are far smaller and stay stored,
+    so its runs are unchanged). `TBSNet.forward` also checkpoints whole layers on such steps."""
     return torch.is_grad_enabled() and elems > MAX_STORED
 
 class PositionalEncoding(nn.Module):
@@ -101,16 +101,26 @@ class PositionalEncoding(nn.Module):
     the **flattened** h*w sequence (not a 2-D encoding), added to the tokens, then dropout (`transformer.py:104-124`)."""
     def __init__(self, d_model: int, dropout: float = 0.5, max_len: int = 10000):
         super().__init__()
-        pos = torch.arange(max_len)[:, None]
-        div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, d_model)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
-        self.register_buffer("pe", pe[None], persistent=False)
+        self.d_model, self.max_len = d_model, max_len
+        self.register_buffer("pe", self.table(0), persistent=False)   # rows are built as long sequences need them
         self.dropout = nn.Dropout(dropout)
+
+    def table(self, n: int) -> torch.Tensor:
+        "The first `n` rows of the sine/cosine table, [1,n,d_model] (the official code builds all `max_len` at once)."
+        pos = torch.arange(n)[:, None]
+        div = torch.exp(torch.arange(0, self.d_model, 2) * (-math.log(10000.0) / self.d_model))
+        pe = torch.zeros(n, self.d_model)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        return pe[None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Tokens [B,N,C] plus the table's first N rows (a K-shot key sequence counts on past the first shot)."
-        return self.dropout(x + self.pe[:, : x.shape[1]])
+        n = x.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"{n} tokens exceed the positional table's max_len={self.max_len}")
+        if n > self.pe.shape[1]:
+            self.pe = self.table(n).to(self.pe.device)
+        return self.dropout(x + self.pe[:, :n])
 
 class MaskAttention(nn.Module):
     """DCAMA's attention-weighted mask aggregation: `heads`-head scaled dot-product attention with query pixels as
@@ -234,6 +244,7 @@ class TBSNet(nn.Module):
                  heads: int = 8, dropout: float = 0.5, widths=(16, 64, 128), hidden: int = 256):
         super().__init__()
         self.encoder, self.tbs = encoder, tbs
+        self.layerwise = None   # layer-wise activation checkpointing: None = when the step is large (`forward`)
         self.stage_ids = list(encoder.stage_ids)
         last = {s: max(i for i, t in enumerate(self.stage_ids) if t == s) for s in (1, 2, 3, 4)}
         self.last = last
@@ -255,48 +266,63 @@ class TBSNet(nn.Module):
         self.mixer2 = nn.Sequential(nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.Conv2d(w2, w1, 3, padding=1), nn.ReLU())
         self.mixer3 = nn.Sequential(nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(), nn.Conv2d(w1, 2, 3, padding=1))
 
-    def suppress_support(self, f_q: list, f_s: list, mask: torch.Tensor) -> tuple[list, list]:
-        """Per layer of stages 2-4 (one CrossAttention and ScoreMap per stage), the scores and A^S of one shot
-        (f_s layers [B,C,h,w], mask [B,H,W]); stage-1 layers pass unchanged. Returns (A^S list, score dicts)."""
-        out, scores = [], []
-        for i, (q, s) in enumerate(zip(f_q, f_s)):
-            st = self.stage_ids[i]
-            if st == 1 or not self.tbs:
-                out.append(s); scores.append(None); continue
-            m = soft_mask(mask, s.shape[-2:])
-            sc = background_scores(self.ca[f"s{st}"], self.score[f"s{st}"], q, s, m)
-            out.append(suppress(s, m, sc["r"])); scores.append(sc)
-        return out, scores
+    def layer(self, i: int, q: torch.Tensor, s: torch.Tensor, support_masks: torch.Tensor):
+        """One layer i of stages 2-4: TBS's scores and suppression of each shot (query layer q [B,C,h,w], support layer
+        s [B,K,C,h,w]), then DCAMA's attention of the query pixels over all shots' suppressed pixels. Returns (coarse
+        mask [B,1,h,w], A^S [B,K,C,h,w], the K shots' score dicts, None without TBS)."""
+        st, (B, K), (h, w) = self.stage_ids[i], support_masks.shape[:2], q.shape[-2:]
+        sup, scores = [], []
+        for k in range(K):
+            a, sc = s[:, k], None
+            if self.tbs:
+                m = soft_mask(support_masks[:, k], (h, w))
+                sc = background_scores(self.ca[f"s{st}"], self.score[f"s{st}"], q, a, m)
+                a = suppress(a, m, sc["r"])
+            sup.append(a); scores.append(sc)
+        sup = torch.stack(sup, 1)
+        keys = self.pe[f"s{st}"](sup.flatten(0, 1).flatten(2).transpose(1, 2))          # [B*K, hw, C]
+        keys = keys.unflatten(0, (B, K)).flatten(1, 2)                                   # positions restart per shot
+        m = torch.stack([soft_mask(support_masks[:, k], (h, w)).flatten(1) for k in range(K)], 1).flatten(1)
+        qt = self.pe[f"s{st}"](q.flatten(2).transpose(1, 2))
+        return self.attn[f"s{st}"](qt, keys, m).view(B, 1, h, w), sup, scores
 
     def forward(self, f_q: list, f_s: list, support_masks: torch.Tensor, return_scores: bool = False):
         """Query layers f_q [B,C,h,w], support layers f_s [B,K,C,h,w] (frozen features, e.g. `episode_blocks`),
         support masks [B,K,H,W] -> 2-class logits [B,2,H',W'] (H' = 4x the stage-1 grid). K-shot: each shot is
-        suppressed on its own; the attention reads the shots' pixels together; skip features are max-pooled over shots."""
+        suppressed on its own; the attention reads the shots' pixels together; skip features are max-pooled over shots.
+        `return_scores`: also the score dicts, per shot a list over layers (None on stage 1).
+        A large training step (`recompute` of the stage-2 attention) runs each layer, and the decoder's first mixer,
+        under activation checkpointing: it keeps only their outputs for backward (the frozen features it reads are
+        held anyway) and recomputes the rest, with the same dropout masks (the random state is replayed)."""
         f_q = [x.float() for x in f_q]
         B, K = support_masks.shape[:2]
-        shots = [self.suppress_support(f_q, [x[:, k].float() for x in f_s], support_masks[:, k]) for k in range(K)]
-        sup = [[shots[k][0][i] for k in range(K)] for i in range(len(f_q))]              # layer -> K x [B,C,h,w]
-        coarse = {2: [], 3: [], 4: []}
+        hw2 = f_q[self.last[2]].shape[-2] * f_q[self.last[2]].shape[-1]
+        layerwise = recompute(B * K * self.attn["s2"].heads * hw2 ** 2) if self.layerwise is None else \
+            self.layerwise and torch.is_grad_enabled()
+        run = (lambda *a: checkpoint(self.layer, *a, use_reentrant=False)) if layerwise else self.layer
+        coarse, sup, scores = {2: [], 3: [], 4: []}, {}, [[] for _ in range(K)]
         for i, q in enumerate(f_q):
             st = self.stage_ids[i]
             if st == 1:
-                continue
-            h, w = q.shape[-2:]
-            keys = torch.stack(sup[i], 1).flatten(0, 1).flatten(2).transpose(1, 2)        # [B*K, hw, C]
-            keys = self.pe[f"s{st}"](keys).unflatten(0, (B, K)).flatten(1, 2)             # positions restart per shot
-            m = torch.stack([soft_mask(support_masks[:, k], (h, w)).flatten(1) for k in range(K)], 1).flatten(1)
-            qt = self.pe[f"s{st}"](q.flatten(2).transpose(1, 2))
-            coarse[st].append(self.attn[f"s{st}"](qt, keys, m).view(B, 1, h, w))
+                a, sc = f_s[i].float(), [None] * K
+            else:
+                c, a, sc = run(i, q, f_s[i].float(), support_masks)
+                coarse[st].append(c)
+            if i in (self.last[1], self.last[2]):                 # A^S is read again by the skip connections only
+                sup[i] = a
+            for k in range(K):
+                scores[k].append(sc[k])
         c4, c3, c2 = (self.conv[f"s{s}"](torch.cat(coarse[s], 1)) for s in (4, 3, 2))
         mix = self.conv43(_up(c4, c3.shape[-2:]) + c3)
         mix = self.conv32(_up(mix, c2.shape[-2:]) + c2)
-        skip = lambda i: torch.stack(sup[i], 0).amax(0)
-        mix = torch.cat([mix, f_q[self.last[2]], skip(self.last[2])], 1)
-        mix = _up(mix, f_q[self.last[1]].shape[-2:])
-        mix = self.mixer1(torch.cat([mix, f_q[self.last[1]], skip(self.last[1])], 1))
+        skip = lambda i: sup[i].amax(1)
+        first = lambda mix, s2, s1: self.mixer1(torch.cat(
+            [_up(torch.cat([mix, f_q[self.last[2]], s2], 1), f_q[self.last[1]].shape[-2:]), f_q[self.last[1]], s1], 1))
+        args = (mix, skip(self.last[2]), skip(self.last[1]))
+        mix = checkpoint(first, *args, use_reentrant=False) if layerwise else first(*args)
         mix = self.mixer2(_up(mix, [2 * x for x in mix.shape[-2:]]))
         logits = self.mixer3(_up(mix, [2 * x for x in mix.shape[-2:]]))
-        return (logits, [s for _, s in shots]) if return_scores else logits
+        return (logits, scores) if return_scores else logits
 
 def build_model(cfg) -> TBSNet:
     "DCAMA + TBS (or plain DCAMA when `cfg.tbs` is False) on the profile's frozen encoder, sized from a dry run."
@@ -329,14 +355,16 @@ def train_step(model: TBSNet, batch: dict, fg_weight: float = 1.0) -> dict:
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #5d60a100
 CONFIG = dict(
-    common=dict(fold=0, seed=0, tbs=True, heads=8, dropout=0.5, hidden=256, shots=5, train_shots=2, ckpt_every=100,
+    common=dict(fold=0, seed=0, tbs=True, heads=8, dropout=0.5, hidden=256, shots=5, ckpt_every=100,
                 difficulty=0.5, palette="class", support_lookalike=0.5, bg_similarity=0.0,  # ToyWorld knobs
                 query_distractors=0, support_colour=1.0),                                                       # (full ignores them)
     toy=dict(benchmark="toyworld", backbone="toy_cnn", pretrained=True, size=64, input_size=64, widths=(8, 16, 32),
              optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0, batch=8, steps=200, n_train=150, n_test=60,
+             train_shots=2,  # supports per banked training episode (each training step still reads one of them)
              amp=False, augment=False, workers=0, train_list=None, data_root=None),
     full=dict(benchmark="pascal", backbone="resnet50.a1h_in1k", pretrained=True, size=320, input_size=320,
               widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, batch=8, steps=3000,
+              train_shots=1,  # the official training is 1-shot (`train.py` builds its loader with the default nshot=1)
               n_train=None, n_test=1000, amp=None, augment=False, workers=4, train_list="voc_sbd_merge_noduplicate.txt",
               data_root=None),
 )
