@@ -103,6 +103,24 @@ def test_consistency_check_fires_only_when_centred():
     assert rm[0, 1:3].all() and rm.sum() == 8
 
 
+
+def test_box_centred_check_compares_with_the_box_mean():
+    """check_center='box' (the default) asks whether a seed is less like the prototype than the average pixel of its
+    box: a seed between the object and the box's background is removed, while the image-centred test keeps it, because
+    the image mean sits farther out, in the background outside the box. Seeds of other classes stay."""
+    lab = torch.full((1, 4, 8), 2); lab[0, 0, 0] = 5
+    fb = a2gnn.flat_boxes([torch.tensor([[0., 0., 4., 4.]])], [torch.tensor([2])], 4, 8)
+    h = torch.zeros(1, 2, 4, 8); h[:, 1, :, 4:] = 1.0                       # outside the box: background (0, 1)
+    h[:, 0, :2, :4] = 1.0                                                    # box rows 0-1: the prototype (1, 0)
+    h[:, :, 2:, :4] = 0.5                                                    # box rows 2-3: (0.5, 0.5), in between
+    mu = torch.tensor([[1.0, 0.0]])
+    assert a2gnn.consistency_check(lab, h, mu, fb, center="image").sum() == 0
+    rm = a2gnn.consistency_check(lab, h, mu, fb, center="box")
+    assert rm[0, 2:, :4].all() and rm.sum() == 8
+    assert a2gnn.consistency_check(lab, h, mu, fb, sign=-1.0, center="box")[0, :2, 1:4].all()   # flipped: the rest
+    with pytest.raises(ValueError, match="use 'none', 'image' or 'box'"):
+        a2gnn.consistency_check(lab, h, mu, fb, center="mean")
+
 def test_checking_waits_for_check_from():
     """Consistency checking starts at step `check_from`: on a random, untrained embedding (step 0) the centred check
     removes seeds whatever their class; with `check_from` past the last step nothing is removed, and a check from the

@@ -349,19 +349,30 @@ def mp_loss(up, hmap, fb, pts, B: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor, fb: dict, sign: float = 1.0,
-                      center: bool = False) -> torch.Tensor:
+                      center: str | bool = "none") -> torch.Tensor:
     """Consistency checking: seed pixels inside box b labelled with its class whose feature has cos(h_i, mu_b) < 0
-    become 255 (sign=-1 flips the test: a breakage). cos < 0 iff h_i . mu_b < 0, and h_i . mu_b is linear in h, so
-    the dot product is taken on the graph and upsampled bilinearly, exactly as if h were. `center=True` (seglab's
-    departure) first subtracts the image's mean node embedding m from h and mu_b: cos(h_i - m, mu_b - m) < 0, "less
-    like the prototype than the average node". Returns the removed [B,H,W]."""
+    become 255 (sign=-1 flips the test: a breakage). `center` (h is bilinearly upsampled to the labels, as the code's
+    `fts`): 'none', the code's test, inert on a non-negative h; 'image' subtracts the image's mean node embedding m
+    from h and mu_b, cos(h_i - m, mu_b - m) < 0, "less like the prototype than the average node"; 'box' (seglab's
+    default) subtracts the mean m_b of h over box b's pixels, "less like the prototype than the average pixel of its
+    box". True / False mean 'image' / 'none'. Returns the removed [B,H,W]."""
+    if isinstance(center, bool):
+        center = "image" if center else "none"
+    if center not in ("none", "image", "box"):
+        raise ValueError(f"center={center!r}; use 'none', 'image' or 'box'")
     H, W = labels.shape[-2:]
     hm = hmap[fb["img"]]
-    if center:
-        m = hm.mean((2, 3))
-        hm, mu = hm - m[:, :, None, None], mu - m
-    dot = torch.einsum("bchw,bc->bhw", hm, mu)
-    dot = F.interpolate(dot[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    if center == "box":
+        up = F.interpolate(hm, size=(H, W), mode="bilinear", align_corners=False)
+        ib = fb["inbox"][:, None]
+        m = (up * ib).sum((2, 3)) / ib.sum((2, 3)).clamp_min(1)
+        dot = torch.einsum("bchw,bc->bhw", up - m[:, :, None, None], mu - m)
+    else:
+        if center == "image":
+            m = hm.mean((2, 3))
+            hm, mu = hm - m[:, :, None, None], mu - m
+        dot = torch.einsum("bchw,bc->bhw", hm, mu)   # linear in h: on the graph, then upsampled, as if h were
+        dot = F.interpolate(dot[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     rm = fb["inbox"] & (labels[fb["img"]] == fb["cls"][:, None, None]) & (sign * dot < 0)
     return torch.zeros(labels.shape, device=labels.device).index_add_(0, fb["img"], rm.float()) > 0
 
@@ -399,7 +410,7 @@ def fit_a2gnn(h0, A, win, seeds, boxes, labels, K, cfg, hw, keep=None):
             loss = loss + lmp
             if cfg.checking != "off" and t >= cfg.check_from:
                 base = seeds if cfg.checking == "fresh" else lab
-                rm = consistency_check(base, hmap.detach(), mu, fb, cfg.check_sign, cfg.check_center == "image")
+                rm = consistency_check(base, hmap.detach(), mu, fb, cfg.check_sign, cfg.check_center)
                 lab = base.masked_fill(rm, 255)
                 removed = rm if cfg.checking == "fresh" else (removed | rm)
         if t >= cfg.steps1 and cfg.w_crf > 0:
