@@ -161,6 +161,55 @@ def test_t2v_keys_carry_the_dummies_learnable_positions():
     assert not torch.allclose(A1, A2, atol=1e-4)
 
 
+def test_t2v_layer_adds_the_ffn_output_before_the_first_norm():
+    """The code's T2V layer (transformer.py:520-524): y = x + attention, out = LN2(y + FFN(LN1(y))). Fails on the plain
+    post-norm layer LN2(z + FFN(z)), z = LN1(y)."""
+    torch.manual_seed(0)
+    layer = cg.T2VLayer(16, 4, 32, 0.0).eval()
+    for p in layer.parameters():                                     # non-trivial norms, so the two forms differ
+        p.data.add_(0.3 * torch.randn_like(p))
+    x, pos, keys = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        out, A = layer(x, pos, keys, keys[:, 3:], n_dummy=3)
+        a, A2 = layer.attn(x + pos, keys, keys[:, 3:], None, n_skip=3)
+        y = x + a
+        ref = layer.n2(y + layer.ffn(layer.n1(y)))
+        post = layer.n2(layer.n1(y) + layer.ffn(layer.n1(y)))
+    assert torch.allclose(out, ref, atol=1e-5) and torch.equal(A, A2)
+    assert not torch.allclose(out, post, atol=1e-3)
+
+
+def test_learned_tokens_are_drawn_standard_normal():
+    """The saliency prompts and position, the sentence and moment tokens and their positions are torch.randn, N(0, 1),
+    as the code's global_rep_token/_pos, sent_rep_token/_pos, moment_rep_token/_pos (model.py:118-127). Fails at the
+    old 0.02 scale."""
+    torch.manual_seed(0)
+    net = cg.build_model(pick(cg.CONFIG, "toy"))
+    assert 0.8 < float(net.prompts.std()) < 1.2
+    rest = torch.cat([net.sal_pos, net.sent_token, net.sent_pos, net.mom_token, net.mom_pos])
+    assert 0.8 < float(rest.std()) < 1.2
+
+
+def test_neg_pair_e_loss_sums_like_the_code_or_averages_on_the_toy():
+    """`neg_pair_e_loss` is the code's −Σ_i log(1 − e'_i) summed over valid clips (`reduce="sum"`) or its per-clip mean
+    (`"mean"`); the full profile keeps the code's sum, the toy profile takes the mean, and the toy loss uses it."""
+    e = torch.tensor([[0.5, 0.2, 0.9, 0.0], [0.1, 0.3, 0.0, 0.0]])
+    vm = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    per = -(torch.log(1 - e + 1e-6) * vm).sum(1)
+    assert float(cg.neg_pair_e_loss(e, vm, "sum")) == pytest.approx(float(per.mean()), rel=1e-5)
+    assert float(cg.neg_pair_e_loss(e, vm, "mean")) == pytest.approx(float((per / 3).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="'sum'"):
+        cg.neg_pair_e_loss(e, vm, "max")
+    assert pick(cg.CONFIG, "full").e_neg_reduce == "sum" and pick(cg.CONFIG, "toy").e_neg_reduce == "mean"
+    cfg = tiny()
+    b = random_batch(cfg)
+    losses = {}
+    for red in ("sum", "mean"):
+        torch.manual_seed(0)
+        losses[red] = float(cg.train_step(cg.build_model(cfg), b, cfg.replace(e_neg_reduce=red))["saliency_e"])
+    assert losses["sum"] > losses["mean"] + 1e-3                    # the toy loss reads the config's reduction
+
+
 def test_all_losses_present_finite_and_batch_size_one_runs():
     cfg = tiny()
     torch.manual_seed(0)

@@ -26,12 +26,13 @@ from ..toyworld import CLIP_LEN, COLOURS, GROUNDING_VERBS, GROUNDING_VOCAB, SHAP
 __all__ = ['BATCH_KEYS', 'WORD_SLOTS', 'WORD_KINDS', 'CONFIG', 'LinearLayer', 'input_proj', 'temporal_endpoints', 'sine_embed',
            'video_pos', 'drop', 'Attention', 'FFN', 'EncoderLayer', 'T2VLayer', 'engagement', 'mlp', 'inverse_sigmoid',
            'attend', 'DecoderLayer', 'CGDETR', 'span_cxw_to_xx', 'span_xx_to_cxw', 'giou_1d', 'match_cost',
-           'hungarian_assign', 'set_loss', 'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'ms_align_loss',
-           'distill_loss', 'orthogonal_loss', 'toy_split', 'RandomFeatures', 'qvh_text_feats', 'qvh_split', 'make_data',
-           'take', 'batch_stream', 'mismatched_queries', 'cgdetr_losses', 'build_model', 'train_step', 'train',
-           'predict', 'headline', 'evaluate', 'prior_predictions', 'ClipScorer', 'train_clip_scorer',
-           'windows_from_scores', 'clip_scorer_predictions', 'chance_predictions', 'engagement_report',
-           'one_word_off_masks', 'replace_word', 'word_report', 'seed_row', 'step_curve', 'tour', 'bench_case']
+           'hungarian_assign', 'set_loss', 'margin_loss', 'rank_contrastive', 'neg_pair_loss', 'neg_pair_e_loss',
+           'ms_align_loss', 'distill_loss', 'orthogonal_loss', 'toy_split', 'RandomFeatures', 'qvh_text_feats',
+           'qvh_split', 'make_data', 'take', 'batch_stream', 'mismatched_queries', 'cgdetr_losses', 'build_model',
+           'train_step', 'train', 'predict', 'headline', 'evaluate', 'prior_predictions', 'ClipScorer',
+           'train_clip_scorer', 'windows_from_scores', 'clip_scorer_predictions', 'chance_predictions',
+           'engagement_report', 'one_word_off_masks', 'replace_word', 'word_report', 'seed_row', 'step_curve', 'tour',
+           'bench_case']
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #2bf91058
 class LinearLayer(nn.Module):
@@ -108,8 +109,10 @@ class EncoderLayer(nn.Module):
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #16c63605
 class T2VLayer(nn.Module):
-    """Adaptive cross-attention layer: clips query [dummies; words], values are the words only. `keys=None` runs it
-    with an empty key set (the attention output is 0, so only the out-projection bias, residual, FFN and norms act)."""
+    """Adaptive cross-attention layer: clips query [dummies; words], values are the words only; then, as the code's
+    T2V layer (`transformer.py:520-524`), LN2(y + FFN(LN1(y))) with y = clips + attention: the FFN reads the normalised
+    sum and its output is added to the un-normalised one. `keys=None` runs it with an empty key set (the attention
+    output is 0, so only the out-projection bias, residual, FFN and norms act)."""
     def __init__(self, d: int, heads: int, ff: int, dropout: float):
         super().__init__()
         self.attn, self.ffn = Attention(d, heads), FFN(d, ff, dropout)
@@ -119,8 +122,8 @@ class T2VLayer(nn.Module):
             a, A = self.attn.o(torch.zeros_like(x)), None
         else:
             a, A = self.attn(x + pos, keys, words, pad, n_skip=n_dummy)
-        x = self.n1(x + self.drop(a))
-        return self.n2(x + self.drop(self.ffn(x))), A
+        y = x + self.drop(a)
+        return self.n2(y + self.drop(self.ffn(self.n1(y)))), A
 
 def engagement(A: torch.Tensor, n_dummy: int, vmask: torch.Tensor) -> torch.Tensor:
     "Text engagement e_i = clamp(Σ_words A_ij, 0, 1) from T2V attention A [B,T,n_dummy+Lt] (0 on padded clips)."
@@ -194,8 +197,8 @@ class CGDETR(nn.Module):
             self.dummy_pos = nn.Parameter(torch.randn(self.nd, d))
             self.dummy_enc = nn.ModuleList([EncoderLayer(d, h, ff, p, nn.PReLU) for _ in range(cfg.dummy_layers)])
         self.t2v = nn.ModuleList([T2VLayer(d, h, ff, p) for _ in range(cfg.t2v_layers)])
-        self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, d) * 0.02)
-        self.sal_pos = nn.Parameter(torch.randn(d) * 0.02)
+        self.prompts = nn.Parameter(torch.randn(cfg.n_prompts, d))      # N(0, 1), as the code's global_rep_token / _pos
+        self.sal_pos = nn.Parameter(torch.randn(d))
         self.encoder = nn.ModuleList([EncoderLayer(d, h, ff, p) for _ in range(cfg.enc_layers)])
         self.sal1, self.sal2 = nn.Linear(d, d), nn.Linear(d, d)
         self.anchors = nn.Parameter(torch.randn(cfg.n_queries, 2))   # un-sigmoided (centre, width), N(0, 1) as nn.Embedding
@@ -208,8 +211,8 @@ class CGDETR(nn.Module):
         self.box_head = mlp(d, d, 2, 3)                  # the decoder's own anchor-refinement head (zero-initialised)
         nn.init.zeros_(self.box_head[-1].weight)
         nn.init.zeros_(self.box_head[-1].bias)
-        self.sent_token, self.sent_pos = nn.Parameter(torch.randn(d) * 0.02), nn.Parameter(torch.randn(d) * 0.02)
-        self.mom_token, self.mom_pos = nn.Parameter(torch.randn(d) * 0.02), nn.Parameter(torch.randn(d) * 0.02)
+        self.sent_token, self.sent_pos = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))   # N(0, 1): sent_rep_*
+        self.mom_token, self.mom_pos = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))      # moment_rep_*
         self.sent_enc, self.mom_enc = EncoderLayer(d, h, ff, p), EncoderLayer(d, h, ff, p)
 
     def project(self, video, vmask, words):
@@ -407,6 +410,14 @@ def neg_pair_loss(s_neg, vmask) -> torch.Tensor:
     "−Σ_i log(1 − σ(S'_i)) over the valid clips of the mismatched pair, mean over videos."
     return -(F.logsigmoid(-s_neg) * vmask).sum(1).mean()
 
+def neg_pair_e_loss(e_neg, vmask, reduce: str = "sum") -> torch.Tensor:
+    """−Σ_i log(1 − e'_i) over the valid clips of the mismatched pair (`reduce="sum"`, the code's
+    `.sum(dim=1).mean()`, `model.py:559`) or its mean over those clips (`"mean"`), then the mean over videos."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce={reduce!r}: use 'sum' (the official code) or 'mean'")
+    per_video = -(torch.log(1 - e_neg + 1e-6) * vmask).sum(1)
+    return (per_video if reduce == "sum" else per_video / vmask.sum(1).clamp_min(1)).mean()
+
 # %% ../../nbs/70_video/72_cgdetr.ipynb #f9175bb8
 def ms_align_loss(out: dict, relevant, vmask, dummy_margin: float = 0.2) -> torch.Tensor:
     "Moment–sentence InfoNCE (non-moments as extra negatives) + dummy-sentence margin + BCE(moment · clip, relevant)."
@@ -556,8 +567,8 @@ def cgdetr_losses(model: CGDETR, batch: dict, cfg, assign=hungarian_assign) -> d
         (F.binary_cross_entropy(e.clamp(1e-6, 1 - 1e-6), rel.float(), reduction="none") * vmask).sum() / vmask.sum()
     if neg is not None:                        # batch size 1 has no mismatched pair (the code's other branch)
         L["saliency"] = L["saliency"] + rank_contrastive(S[keep], neg["S"], rank[keep], kv, cfg.tau) + neg_pair_loss(neg["S"], kv)
-        L["saliency_e"] = L["saliency_e"] + rank_contrastive(e[keep], neg["e"], rank[keep], kv, cfg.tau) - \
-            (torch.log(1 - neg["e"] + 1e-6) * kv).sum(1).mean()
+        L["saliency_e"] = L["saliency_e"] + rank_contrastive(e[keep], neg["e"], rank[keep], kv, cfg.tau) + \
+            neg_pair_e_loss(neg["e"], kv, cfg.e_neg_reduce)
     total = total + cfg.w_sal * L["saliency"] + cfg.w_wattn * L["saliency_e"]
     if cfg.correlation:
         L["ms_align"] = ms_align_loss(out, rel, vmask, cfg.dummy_margin)
@@ -790,20 +801,22 @@ CONFIG = dict(
     toy=dict(data="toy", root=None, d=32, heads=4, ff=64, dropout=0.0, input_dropout=0.1, dummy_layers=1, t2v_layers=1,
              enc_layers=2, dec_layers=2, vocab=len(GROUNDING_VOCAB), word_dim=32, video_dim=64, clips=32, max_q=8,
              difficulty=0.5, noise=0.2, offset=0.0, n_train=1024, n_val=256, batch=16, steps=400, lr=2e-3,
-             log_every=10),
+             log_every=10, e_neg_reduce="mean"),
     full=dict(data="qvhighlights", root=None, d=256, heads=8, ff=1024, dropout=0.1, input_dropout=0.5, dummy_layers=2,
               t2v_layers=2, enc_layers=3, dec_layers=3, vocab=0, word_dim=512, video_dim=512, clips=75, max_q=32,
               difficulty=None, noise=None, offset=None, n_train=None, n_val=None, batch=32, steps=3400, lr=1e-4,
-              log_every=50),
+              log_every=50, e_neg_reduce="sum"),
 )
 
 # %% ../../nbs/70_video/72_cgdetr.ipynb #9dd2b8da
 def seed_row(cfg, seed: int, variants: dict | None = None) -> dict:
-    "Headline metrics (+ engagement report) of CG-DETR, its variants and the baselines on toy seed `seed` (+ CG-DETR's `word_report` under 'words')."
+    """Headline metrics (+ engagement report) of CG-DETR, its variants and the baselines on toy seed `seed` (+ CG-DETR's
+    `word_report` under 'words'; the swapped-query row also holds `e_target`, e on target clips under another query)."""
     cfg = cfg.replace(seed=seed)
     data = make_data(cfg)
     tr, va = data["train"], data["val"]
-    variants = {"CG-DETR": {}, "0 dummies": dict(n_dummies=0), "distill off": dict(w_distill=0.0)} if variants is None else variants
+    variants = {"CG-DETR": {}, "0 dummies": dict(n_dummies=0), "distill off": dict(w_distill=0.0),
+                "e neg-pair summed": dict(e_neg_reduce="sum")} if variants is None else variants
     row = {}
     for name, over in variants.items():
         m = train(cfg.replace(**over), data)["model"]
@@ -811,7 +824,8 @@ def seed_row(cfg, seed: int, variants: dict | None = None) -> dict:
         row[name] = dict(headline(subs, va["gt"]), **engagement_report(o, va))
         if name == "CG-DETR":
             other = torch.randperm(len(va["video"]), generator=torch.Generator().manual_seed(1))
-            row["swapped query"] = headline(predict(m, va, va["words"][other], va["tmask"][other])[0], va["gt"])
+            sw_subs, sw = predict(m, va, va["words"][other], va["tmask"][other])
+            row["swapped query"] = dict(headline(sw_subs, va["gt"]), e_target=float(sw["e"][(va["saliency"] > 0) & va["vmask"]].mean()))
             row["words"] = word_report(m, va)
     row["per-clip scorer"] = headline(clip_scorer_predictions(train_clip_scorer(cfg, tr), va), va["gt"])
     row["prior"] = headline(prior_predictions(tr, va), va["gt"])
