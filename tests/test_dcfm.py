@@ -55,6 +55,28 @@ def test_dpg_relu_only_in_eval():
     assert not torch.allclose(ev, tr)
 
 
+def test_r_follows_the_official_order_on_the_residual_x5():
+    """`models/main.py:142-150`: ReLU on each seed's correlation (eval only), THEN the mean over seeds, then min-max per
+    image; and R is computed on the L2-normalised x5 after DPG's residual conv (the trained features)."""
+    torch.manual_seed(0)
+    xn = torch.nn.functional.normalize(torch.randn(2, 8, 3, 3), dim=1)
+    seeds = torch.stack([xn[0, :, 0, 0], -xn[1, :, 1, 1]])                 # one seed anti-correlated with most pixels
+    r = torch.einsum("bchw,sc->bshw", xn, seeds)
+    mm = lambda v: (v - v.amin((1, 2), keepdim=True)) / (v.amax((1, 2), keepdim=True) - v.amin((1, 2), keepdim=True) + 1e-12)
+    official, swapped = mm(r.relu().mean(1)), mm(r.mean(1).relu())
+    assert not torch.allclose(official, swapped)                           # the order matters on this input
+    assert torch.allclose(dcfm.correlation_maps(xn, seeds, False)[:, 0], official, atol=1e-6)
+    dpg = dcfm.DPG(8).eval()
+    torch.nn.init.normal_(dpg.conv.weight)                                 # a residual conv that moves x5
+    x5 = torch.randn(3, 8, 3, 3)
+    o = dpg(x5)
+    assert torch.allclose(o["x5"], dpg.conv(x5) + x5)
+    xr = torch.nn.functional.normalize(o["x5"], dim=1)
+    s = (xr * o["seeds"]).sum((2, 3))
+    assert torch.allclose(o["R"], dcfm.correlation_maps(xr, s, False), atol=1e-6)
+    assert not torch.allclose(o["R"], dcfm.correlation_maps(torch.nn.functional.normalize(x5, dim=1), s, False), atol=1e-3)
+
+
 def test_rank_weights_boost_weak_positives_only():
     S = torch.tensor([[[3.0, 2.0, 1.0, -1.0, -2.0]]])
     assert dcfm.rank_weights(S).tolist() == [[[1.0, 8.0, 27.0, 1.0, 1.0]]]
