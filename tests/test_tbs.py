@@ -196,3 +196,31 @@ def test_full_config_one_step_on_real_samples(tmp_path):
     assert test[0]["support_images"].shape == (1, 3, 320, 320)
     r = tbs.evaluate(model, cfg, tbs.test_batches(model.encoder, test, batch=2, cache=False))
     assert set(r["iou"]) == {1, 2, 3, 4, 5} and 0 <= r["miou"] <= 1
+
+
+# --- the toy's learning rate for TBS's own parameters ---------------------------------------------------------------
+def test_tbs_parameters_train_at_their_own_rate():
+    """The toy trains TBS's own modules (cross-attention, ScoreMap) at lr x `tbs_lr` (0.01, chosen on validation);
+    the full profile keeps the official single rate. Every trainable parameter is in exactly one group."""
+    toy, full = pick(tbs.CONFIG, "toy"), pick(tbs.CONFIG, "full")
+    assert toy.tbs_lr == 0.01 and full.tbs_lr == 1.0
+    model = tbs.build_model(toy)
+    opt = tbs.make_optimizer(toy, model)
+    rest, own = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert own["lr"] == toy.lr * 0.01 and rest["lr"] == toy.lr and own["params"]
+    assert all(names[id(p)].split(".")[0] in ("ca", "score") for p in own["params"])
+    assert not any(names[id(p)].split(".")[0] in ("ca", "score") for p in rest["params"])
+    assert len(own["params"]) + len(rest["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert isinstance(tbs.make_optimizer(full.replace(backbone="toy_cnn", input_size=64), model), torch.optim.SGD)
+    # one step moves TBS's parameters by about 1/100 of what it moves DCAMA's
+    b = tbs.collate(tbs.make_episodes(toy, True, 4, 1))
+    f = dict(tbs.episode_blocks(model.encoder, b["query_image"], b["support_images"]), support_masks=b["support_masks"],
+             query_mask=b["query_mask"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    tbs.train_step(model, f, toy.fg_weight)["loss"].backward()
+    opt.step()
+    step = lambda pre: max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
+                           if n in before and n.split(".")[0] == pre)
+    assert 0 < step("ca") <= 1.5 * toy.lr * 0.01 and step("mixer3") > 0.5 * toy.lr

@@ -24,11 +24,12 @@ from ..metrics import auroc, FewShotIoU
 from ..toyworld import FewShotEpisodes, collate
 
 # %% auto #0
-__all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder', 'build_encoder',
-           'recompute', 'PositionalEncoding', 'MaskAttention', 'CrossAttention', 'ScoreMap', 'soft_mask',
-           'background_scores', 'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce', 'episode_blocks',
-           'train_step', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches', 'train', 'evaluate_runs',
-           'evaluate', 'chance', 'probe_batches', 'layer_scores', 'suppression_auroc', 'tour', 'bench_case']
+__all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'TBS_PARAMS', 'BREAKAGES', 'BENCH_HAS_CACHE', 'TBSEpisodes', 'BlockEncoder',
+           'build_encoder', 'recompute', 'PositionalEncoding', 'MaskAttention', 'CrossAttention', 'ScoreMap',
+           'soft_mask', 'background_scores', 'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce',
+           'episode_blocks', 'train_step', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches',
+           'make_optimizer', 'train', 'evaluate_runs', 'evaluate', 'chance', 'probe_batches', 'layer_scores',
+           'suppression_auroc', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #892fc2fb
 class TBSEpisodes(FewShotEpisodes):
@@ -359,11 +360,13 @@ CONFIG = dict(
                 difficulty=0.5, palette="class", support_lookalike=0.5, bg_similarity=0.0,  # ToyWorld knobs
                 query_distractors=0, support_colour=1.0),                                                       # (full ignores them)
     toy=dict(benchmark="toyworld", backbone="toy_cnn", pretrained=True, size=64, input_size=64, widths=(8, 16, 32),
-             optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0, batch=8, steps=200, n_train=150, n_test=60,
+             optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0,
+             tbs_lr=0.01,  # TBS's own parameters (`ca`, `score`) train at lr x 0.01 (see Training)
+             batch=8, steps=200, n_train=150, n_test=60,
              train_shots=2,  # supports per banked training episode (each training step still reads one of them)
              amp=False, augment=False, workers=0, train_list=None, data_root=None),
     full=dict(benchmark="pascal", backbone="resnet50.a1h_in1k", pretrained=True, size=320, input_size=320,
-              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, batch=8, steps=3000,
+              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, tbs_lr=1.0, batch=8, steps=3000,
               train_shots=1,  # the official training is 1-shot (`train.py` builds its loader with the default nshot=1)
               n_train=None, n_test=1000, amp=None, augment=False, workers=4, train_list="voc_sbd_merge_noduplicate.txt",
               data_root=None),
@@ -452,6 +455,18 @@ def test_batches(encoder: BlockEncoder, episodes, batch: int = 25, cache: bool =
                          key=key, device="cpu")["batches"]
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #e7f4d258
+TBS_PARAMS = ("ca", "score")  # TBS's own modules: the cross-attention of R^Q / R^T and the ScoreMap refinement
+
+def make_optimizer(cfg, model: TBSNet) -> torch.optim.Optimizer:
+    """The profile's optimizer (AdamW, or the official SGD with Nesterov momentum 0.9) over the trainable parameters in
+    two groups: DCAMA's at `cfg.lr`, TBS's own (`TBS_PARAMS`) at `cfg.lr * cfg.tbs_lr` (1 in the full profile, the
+    official single rate; 0.01 in the toy profile, see Training)."""
+    own = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in TBS_PARAMS]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in TBS_PARAMS]
+    groups = [dict(params=rest), dict(params=own, lr=cfg.lr * cfg.tbs_lr)]
+    return torch.optim.AdamW(groups, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
+        torch.optim.SGD(groups, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
 def train(cfg, data=None, callbacks=(), ckpt=None):
     """Train DCAMA + TBS (or DCAMA, `cfg.tbs=False`) for `cfg.steps` batches of 1-shot episodes: from a `block_bank`
     (toy; built here when `data` is None) or an episode dataset encoded on the fly (full). `ckpt`: a checkpoint path,
@@ -464,9 +479,7 @@ def train(cfg, data=None, callbacks=(), ckpt=None):
         data = block_bank(model.encoder, data) if cfg.benchmark == "toyworld" else data
     loader = bank_batches(data, cfg.batch, cfg.seed) if isinstance(data, dict) else \
         epoch_loader(data, cfg.batch, cfg.seed, cfg.workers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
-        torch.optim.SGD(params, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, model)
     history = fit(model, lambda m, b: train_step(m, b, cfg.fg_weight), loader, opt, steps=cfg.steps, amp=cfg.amp,
                   seed=cfg.seed, device=device, callbacks=callbacks, ckpt=ckpt, ckpt_every=cfg.ckpt_every, desc="DCAMA+TBS" if cfg.tbs else "DCAMA")
     return model.eval(), history
@@ -615,8 +628,6 @@ def bench_case(cfg, cached: bool = True) -> dict:
     model = build_model(cfg).to(device).train()
     feats = dict(episode_blocks(model.encoder, batch["query_image"], batch["support_images"]),
                  query_mask=batch["query_mask"], support_masks=batch["support_masks"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" else \
-        torch.optim.SGD(params, cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, model)
 
     return step_case(lambda: train_step(model, feats if cached else batch, cfg.fg_weight), opt, B)
