@@ -99,7 +99,7 @@ def test_consistency_check_fires_only_when_centred():
     h = torch.zeros(1, 2, 4, 4); h[:, 0] = 1.0; h[:, 1, 1:3, :] = 1.0      # rows 1-2 have a second, off-prototype channel
     mu = torch.tensor([[1.0, 0.0]])
     assert a2gnn.consistency_check(lab, h, mu, fb).sum() == 0
-    rm = a2gnn.consistency_check(lab, h, mu, fb, center=True)
+    rm = a2gnn.consistency_check(lab, h, mu, fb, center="image")
     assert rm[0, 1:3].all() and rm.sum() == 8
 
 

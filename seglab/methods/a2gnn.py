@@ -349,15 +349,13 @@ def mp_loss(up, hmap, fb, pts, B: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor, fb: dict, sign: float = 1.0,
-                      center: str | bool = "none") -> torch.Tensor:
+                      center: str = "none") -> torch.Tensor:
     """Consistency checking: seed pixels inside box b labelled with its class whose feature has cos(h_i, mu_b) < 0
     become 255 (sign=-1 flips the test: a breakage). `center` (h is bilinearly upsampled to the labels, as the code's
     `fts`): 'none', the code's test, inert on a non-negative h; 'image' subtracts the image's mean node embedding m
     from h and mu_b, cos(h_i - m, mu_b - m) < 0, "less like the prototype than the average node" (seglab's
     default); 'box' subtracts the mean m_b of h over box b's pixels, "less like the prototype than the average pixel of its
-    box". True / False mean 'image' / 'none'. Returns the removed [B,H,W]."""
-    if isinstance(center, bool):
-        center = "image" if center else "none"
+    box". Returns the removed [B,H,W]."""
     if center not in ("none", "image", "box"):
         raise ValueError(f"center={center!r}; use 'none', 'image' or 'box'")
     H, W = labels.shape[-2:]
