@@ -224,3 +224,29 @@ def test_tbs_parameters_train_at_their_own_rate():
     step = lambda pre: max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
                            if n in before and n.split(".")[0] == pre)
     assert 0 < step("ca") <= 1.5 * toy.lr * 0.01 and step("mixer3") > 0.5 * toy.lr
+
+
+# --- skip_grad: the path split of CE's gradient on R~ ----------------------------------------------------------------
+def test_skip_grad_stops_only_the_skip_gradient():
+    """`skip_grad=False` leaves the forward pass and DCAMA's gradients unchanged and changes only TBS's stage-2
+    gradients (stage 2's last block is the one the skip connection reads); `rtilde_gradients` restores the switch."""
+    cfg = pick(tbs.CONFIG, "toy")
+    assert cfg.skip_grad and pick(tbs.CONFIG, "full").skip_grad          # the code's behaviour in both profiles
+    b = tbs.collate(tbs.make_episodes(cfg, False, 3, 1, "look-alike + shared bg"))
+    out = []
+    for skip_grad in (True, False):
+        torch.manual_seed(0)
+        net = tbs.build_model(cfg.replace(skip_grad=skip_grad)).eval()
+        f = tbs.episode_blocks(net.encoder, b["query_image"], b["support_images"])
+        logits = net(f["f_q"], f["f_s"], b["support_masks"])
+        tbs.seg_ce(logits, b["query_mask"]).backward()
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = out
+    assert torch.equal(l1, l2) and set(g1) == set(g2)
+    own = lambda n: n.split(".")[0] in tbs.TBS_PARAMS
+    assert all(torch.allclose(g1[n], g2[n]) for n in g1 if not own(n) or not n.split(".")[1] == "s2")
+    assert any(not torch.allclose(g1[n], g2[n]) for n in g1 if own(n) and n.split(".")[1] == "s2")
+    net.skip_grad = True
+    batches = tbs.test_batches(net.encoder, tbs.make_episodes(cfg, False, 4, 1, "look-alike + shared bg"), cache=False)
+    g = tbs.rtilde_gradients(net, list(batches), cfg.fg_weight)
+    assert set(g) == {(p, k) for p in ("attention", "skip") for k in ("lookalike", "shared")} and net.skip_grad

@@ -29,7 +29,7 @@ __all__ = ['MAX_STORED', 'CONFIG', 'CONDITIONS', 'TBS_PARAMS', 'BREAKAGES', 'BEN
            'soft_mask', 'background_scores', 'suppress', 'conv_block', 'TBSNet', 'build_model', 'seg_ce',
            'episode_blocks', 'train_step', 'make_episodes', 'block_bank', 'bank_batches', 'test_batches',
            'make_optimizer', 'train', 'evaluate_runs', 'evaluate', 'chance', 'probe_batches', 'layer_scores',
-           'suppression_auroc', 'tour', 'bench_case']
+           'suppression_auroc', 'rtilde_gradients', 'key_suppression', 'tour', 'bench_case']
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #892fc2fb
 class TBSEpisodes(FewShotEpisodes):
@@ -240,11 +240,14 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
 class TBSNet(nn.Module):
     """DCAMA (the paper's base) with TBS's background suppression of the support features of stages 2-4.
     `tbs=False` is plain DCAMA, the paper's baseline. Sizes come from the encoder (the official code hard-codes
-    96/48/24/12 and `cuda:0`, `DCAMA.py:78-80, 138-143`)."""
+    96/48/24/12 and `cuda:0`, `DCAMA.py:78-80, 138-143`). `skip_grad=False` (the toy profile's departure) keeps the
+    forward pass unchanged and stops R~'s gradient through the skip connections only."""
     def __init__(self, encoder: BlockEncoder, channels: list[int], sizes: list[tuple[int, int]], tbs: bool = True,
-                 heads: int = 8, dropout: float = 0.5, widths=(16, 64, 128), hidden: int = 256):
+                 heads: int = 8, dropout: float = 0.5, widths=(16, 64, 128), hidden: int = 256,
+                 skip_grad: bool = True):
         super().__init__()
         self.encoder, self.tbs = encoder, tbs
+        self.skip_grad = skip_grad  # False: the skips read A^S, but R~ learns only through the attention (toy; see Training)
         self.layerwise = None   # layer-wise activation checkpointing: None = when the step is large (`forward`)
         self.stage_ids = list(encoder.stage_ids)
         last = {s: max(i for i, t in enumerate(self.stage_ids) if t == s) for s in (1, 2, 3, 4)}
@@ -270,22 +273,26 @@ class TBSNet(nn.Module):
     def layer(self, i: int, q: torch.Tensor, s: torch.Tensor, support_masks: torch.Tensor):
         """One layer i of stages 2-4: TBS's scores and suppression of each shot (query layer q [B,C,h,w], support layer
         s [B,K,C,h,w]), then DCAMA's attention of the query pixels over all shots' suppressed pixels. Returns (coarse
-        mask [B,1,h,w], A^S [B,K,C,h,w], the K shots' score dicts, None without TBS)."""
+        mask [B,1,h,w], A^S [B,K,C,h,w] as the skip connections read it (with R~ detached when `skip_grad` is False),
+        the K shots' score dicts, None without TBS)."""
         st, (B, K), (h, w) = self.stage_ids[i], support_masks.shape[:2], q.shape[-2:]
-        sup, scores = [], []
+        sup, skip, scores = [], [], []
         for k in range(K):
             a, sc = s[:, k], None
+            b = a
             if self.tbs:
                 m = soft_mask(support_masks[:, k], (h, w))
                 sc = background_scores(self.ca[f"s{st}"], self.score[f"s{st}"], q, a, m)
-                a = suppress(a, m, sc["r"])
-            sup.append(a); scores.append(sc)
+                a = suppress(b, m, sc["r"])
+                b = a if self.skip_grad else suppress(b, m, sc["r"].detach())   # the same values
+            sup.append(a); skip.append(b); scores.append(sc)
         sup = torch.stack(sup, 1)
         keys = self.pe[f"s{st}"](sup.flatten(0, 1).flatten(2).transpose(1, 2))          # [B*K, hw, C]
         keys = keys.unflatten(0, (B, K)).flatten(1, 2)                                   # positions restart per shot
         m = torch.stack([soft_mask(support_masks[:, k], (h, w)).flatten(1) for k in range(K)], 1).flatten(1)
         qt = self.pe[f"s{st}"](q.flatten(2).transpose(1, 2))
-        return self.attn[f"s{st}"](qt, keys, m).view(B, 1, h, w), sup, scores
+        skip = sup if self.skip_grad or not self.tbs else torch.stack(skip, 1)
+        return self.attn[f"s{st}"](qt, keys, m).view(B, 1, h, w), skip, scores
 
     def forward(self, f_q: list, f_s: list, support_masks: torch.Tensor, return_scores: bool = False):
         """Query layers f_q [B,C,h,w], support layers f_s [B,K,C,h,w] (frozen features, e.g. `episode_blocks`),
@@ -331,7 +338,7 @@ def build_model(cfg) -> TBSNet:
     with torch.no_grad():
         feats = encoder(torch.zeros(1, 3, cfg.input_size, cfg.input_size))
     return TBSNet(encoder, [f.shape[1] for f in feats], [tuple(f.shape[-2:]) for f in feats], cfg.tbs, cfg.heads,
-                  cfg.dropout, tuple(cfg.widths), cfg.hidden)
+                  cfg.dropout, tuple(cfg.widths), cfg.hidden, cfg.get("skip_grad", True))
 
 def seg_ce(logits: torch.Tensor, mask: torch.Tensor, fg_weight: float = 1.0, ignore_index: int = 255) -> torch.Tensor:
     """TBS's only loss: 2-class pixel cross-entropy of the logits, upsampled (bilinear) to the query mask [B,H,W].
@@ -362,11 +369,13 @@ CONFIG = dict(
     toy=dict(benchmark="toyworld", backbone="toy_cnn", pretrained=True, size=64, input_size=64, widths=(8, 16, 32),
              optimizer="adamw", lr=5e-3, weight_decay=1e-4, fg_weight=15.0,
              tbs_lr=0.01,  # TBS's own parameters (`ca`, `score`) train at lr x 0.01 (see Training)
+             skip_grad=True,  # as the code: R~ also learns through the skip connections (False: validated, not adopted)
              batch=8, steps=200, n_train=150, n_test=60,
              train_shots=2,  # supports per banked training episode (each training step still reads one of them)
              amp=False, augment=False, workers=0, train_list=None, data_root=None),
     full=dict(benchmark="pascal", backbone="resnet50.a1h_in1k", pretrained=True, size=320, input_size=320,
-              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, tbs_lr=1.0, batch=8, steps=3000,
+              widths=(16, 64, 128), optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, tbs_lr=1.0, skip_grad=True, batch=8,
+              steps=3000,
               train_shots=1,  # the official training is 1-shot (`train.py` builds its loader with the default nshot=1)
               n_train=None, n_test=1000, amp=None, augment=False, workers=4, train_list="voc_sbd_merge_noduplicate.txt",
               data_root=None),
@@ -577,6 +586,70 @@ def suppression_auroc(model: TBSNet, batches: list[dict], variant: str = "tbs", 
         out[st] = dict(auroc=auroc(torch.cat([shared, look]), torch.arange(len(shared) + len(look)) < len(shared)), r_shared=float(shared.mean()), r_lookalike=float(look.mean()),
                        n_shared=len(shared), n_lookalike=len(look))
     return out
+
+# %% ../../nbs/40_fewshot/42_tbs.ipynb #2ec4a210
+def rtilde_gradients(model: TBSNet, batches, fg_weight: float = 1.0, stage: int = 2) -> dict:
+    """What CE asks of R~: dL/dR~ (stage `stage`'s last layer, first shot, eval mode, each batch's mean loss `seg_ce`)
+    on look-alike cells and on shared-background cells (the cells of `suppression_auroc`) of `test_batches`, split by
+    the path it takes: `attention` (R~ -> A^S -> DCAMA's keys; measured with `skip_grad` off) and `skip` (R~ -> A^S ->
+    the decoder's skip connection; the total minus the attention part). Positive = the loss wants R~ lower there.
+    Returns {(path, 'lookalike' | 'shared'): (mean over cells, its standard error)}."""
+    i, was, vals = model.last[stage], model.skip_grad, {}
+    model.eval()
+    try:
+        for path in ("total", "attention"):
+            model.skip_grad = path == "total"
+            for b in batches:
+                f_q, f_s = [x.float() for x in b["f_q"]], [x[:, :1].float() for x in b["f_s"]]
+                logits, scores = model(f_q, f_s, b["support_masks"][:, :1], return_scores=True)
+                r = scores[0][i]["r"]
+                r.retain_grad()
+                model.zero_grad()
+                seg_ce(logits, b["query_mask"], fg_weight).backward()
+                fg = _cells(b["support_masks"][:, 0] == 1, r.shape[-2:])
+                cells = dict(lookalike=(_cells(b["support_lookalikes"][:, 0], r.shape[-2:]) >= 0.5) & (fg < 0.25),
+                             shared=(_cells(b["support_shared_bg"][:, 0], r.shape[-2:]) >= 0.75) & (fg == 0))
+                for k, c in cells.items():
+                    vals.setdefault((path, k), []).append(r.grad[c])
+    finally:
+        model.skip_grad = was
+        model.zero_grad(set_to_none=True)
+    out = {}
+    for k in ("lookalike", "shared"):
+        total, att = torch.cat(vals["total", k]), torch.cat(vals["attention", k])
+        for path, v in (("attention", att), ("skip", total - att)):
+            out[path, k] = (float(v.mean()), float(v.std() / len(v) ** 0.5))
+    return out
+
+@torch.no_grad()
+def key_suppression(model: TBSNet, batches, stage: int = 2) -> dict:
+    """Does multiplying a key's features by R~ -> 0 lower its attention? DCAMA's attention (`stage`'s last layer, eval
+    mode, head-averaged) from query-target cells (>= 1/2 target) to the support's look-alike cells, with those cells'
+    features kept (R~ = 1) or zeroed (R~ = 0; every other support cell kept): the mean logit and the attention mass,
+    beside the mean logit over all keys. A zeroed key still carries the positional encoding and `wk`'s bias, so its
+    logit moves towards theirs, which lowers the attention only if the kept logit was higher."""
+    i, att, pe = model.last[stage], model.attn[f"s{stage}"], model.pe[f"s{stage}"]
+    model.eval()
+    acc = {k: [] for k in ("logit kept", "logit zeroed", "logit all keys", "mass kept", "mass zeroed")}
+    for b in batches:
+        f_q, f_s, mask = b["f_q"][i].float(), b["f_s"][i][:, 0].float(), b["support_masks"][:, 0]
+        B, C, h, w = f_s.shape
+        la = ((_cells(b["support_lookalikes"][:, 0], (h, w)) >= 0.5) & (_cells(mask == 1, (h, w)) < 0.25)).flatten(1)
+        qfg = (_cells(b["query_mask"] == 1, (h, w)) >= 0.5).flatten(1)
+        qt = att.wq(pe(f_q.flatten(2).transpose(1, 2))).view(B, h * w, att.heads, -1).transpose(1, 2)
+        for name, scale in (("kept", 1.0), ("zeroed", 0.0)):
+            s = f_s.flatten(2).transpose(1, 2) * torch.where(la, scale, 1.0)[..., None]
+            k = att.wk(pe(s)).view(B, h * w, att.heads, -1).transpose(1, 2)
+            logit = qt @ k.transpose(-2, -1) / math.sqrt(qt.shape[-1])
+            mass = (logit.softmax(-1) * la[:, None, None]).sum(-1).mean(1)          # [B, Nq]
+            logit = logit.mean(1)                                                   # [B, Nq, Ns]
+            for e in range(B):
+                if la[e].any() and qfg[e].any():
+                    acc[f"logit {name}"].append(logit[e][qfg[e]][:, la[e]].mean())
+                    acc[f"mass {name}"].append(mass[e][qfg[e]].mean())
+                    if scale == 1.0:
+                        acc["logit all keys"].append(logit[e][qfg[e]].mean())
+    return {k: float(torch.stack(v).mean()) for k, v in acc.items()}
 
 # %% ../../nbs/40_fewshot/42_tbs.ipynb #589f980f
 def tour(profile: str | None = "toy", ckpt=None) -> dict:
