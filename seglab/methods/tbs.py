@@ -240,14 +240,14 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
 class TBSNet(nn.Module):
     """DCAMA (the paper's base) with TBS's background suppression of the support features of stages 2-4.
     `tbs=False` is plain DCAMA, the paper's baseline. Sizes come from the encoder (the official code hard-codes
-    96/48/24/12 and `cuda:0`, `DCAMA.py:78-80, 138-143`). `skip_grad=False` (the toy profile's departure) keeps the
-    forward pass unchanged and stops R~'s gradient through the skip connections only."""
+    96/48/24/12 and `cuda:0`, `DCAMA.py:78-80, 138-143`). `skip_grad=False` (a variant: validated, not adopted) keeps
+    the forward pass unchanged and stops R~'s gradient through the skip connections only."""
     def __init__(self, encoder: BlockEncoder, channels: list[int], sizes: list[tuple[int, int]], tbs: bool = True,
                  heads: int = 8, dropout: float = 0.5, widths=(16, 64, 128), hidden: int = 256,
                  skip_grad: bool = True):
         super().__init__()
         self.encoder, self.tbs = encoder, tbs
-        self.skip_grad = skip_grad  # False: the skips read A^S, but R~ learns only through the attention (toy; see Training)
+        self.skip_grad = skip_grad  # False: the skips read A^S, but R~ learns only through the attention (see Training)
         self.layerwise = None   # layer-wise activation checkpointing: None = when the step is large (`forward`)
         self.stage_ids = list(encoder.stage_ids)
         last = {s: max(i for i, t in enumerate(self.stage_ids) if t == s) for s in (1, 2, 3, 4)}
