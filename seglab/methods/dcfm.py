@@ -175,9 +175,9 @@ class DPG(nn.Module):
     `vote='dot'` is the official vote on q·k/√C; `vote='cosine'` L2-normalises q and k first (a toy option: the
     dot product favours high-norm pixels). `centre=True` (a toy option) subtracts the group mean (over the group's
     images and pixels) from q and k before the vote and from x5 before the L2 normalisation that the seeds and R
-    use, so what every cell of the group shares no longer counts as a match; `centre='vote'` centres q and k only. As in the official code the seed mask
-    is an argmax, so **Q and K get no gradient** and keep their initial weights: only the residual conv learns
-    through the seeds and R."""
+    use, so what every cell of the group shares no longer counts as a match; `centre='vote'` centres q and k only.
+    As in the official code the seed mask is an argmax, so **Q and K get no gradient** and keep their initial
+    weights: only the residual conv learns through the seeds and R."""
     def __init__(self, C: int, vote: str = "dot", centre: bool | str = False):
         super().__init__()
         if vote not in ("dot", "cosine"):
@@ -187,7 +187,7 @@ class DPG(nn.Module):
         self.conv, self.query, self.key = (nn.Conv2d(C, C, 1) for _ in range(3))
         self.scale, self.vote, self.centre = C ** -0.5, vote, centre
     def vote_features(self, x5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "q, k [B,C,h,w] that the vote compares, from x5 after the residual conv (centred with `centre`, normalised with 'cosine')."
+        "q, k [B,C,h,w] that the vote compares, from x5 after the residual conv (`centre`: centred; 'cosine': unit norm)."
         q, k = self.query(x5), self.key(x5)
         if self.centre:                                                     # the toy: minus the group mean
             q, k = q - q.mean((0, 2, 3), keepdim=True), k - k.mean((0, 2, 3), keepdim=True)
