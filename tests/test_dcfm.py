@@ -114,6 +114,33 @@ def test_cosine_vote_ignores_pixel_norms_and_the_dot_vote_does_not():
         dcfm.DPG(8, vote="cos")
 
 
+def test_centre_subtracts_the_group_mean_from_the_vote_and_from_r():
+    """`centre=True` (the toy profile): q, k centred on the group mean before the cosine vote, and R on the L2-normalised
+    group-centred x5; `centre='vote'`: the vote only; a shift shared by every cell of the group changes nothing."""
+    torch.manual_seed(0)
+    x5 = torch.randn(3, 8, 4, 4)
+    shift = torch.randn(1, 8, 1, 1) * 5                                     # what every cell of the group shares
+    dpgs = {c: dcfm.DPG(8, vote="cosine", centre=c).eval() for c in (False, "vote", True)}
+    for d in dpgs.values():
+        d.load_state_dict(dpgs[False].state_dict())
+        torch.nn.init.zeros_(d.conv.weight); torch.nn.init.zeros_(d.conv.bias)   # residual conv off: x5 passes as is
+    o = {c: d(x5) for c, d in dpgs.items()}
+    s = {c: d(x5 + shift) for c, d in dpgs.items()}
+    q, k = dpgs[True].query(x5), dpgs[True].key(x5)
+    qc, kc = (torch.nn.functional.normalize(t - t.mean((0, 2, 3), keepdim=True), dim=1) for t in (q, k))
+    assert torch.allclose(o[True]["votes"].flatten(1), dcfm.group_votes(qc, kc, dpgs[True].scale), atol=1e-5)
+    assert torch.allclose(o["vote"]["votes"], o[True]["votes"]) and torch.equal(o["vote"]["seeds"], o[True]["seeds"])
+    xc = torch.nn.functional.normalize(x5 - x5.mean((0, 2, 3), keepdim=True), dim=1)
+    assert torch.allclose(o[True]["R"], dcfm.correlation_maps(xc, (xc * o[True]["seeds"]).sum((2, 3)), False), atol=1e-5)
+    for c in ("vote", True):                                                 # the shared shift: same vote, same seeds
+        assert torch.allclose(s[c]["votes"], o[c]["votes"], atol=1e-4) and torch.equal(s[c]["seeds"], o[c]["seeds"])
+    assert torch.allclose(s[True]["R"], o[True]["R"], atol=1e-4)
+    assert not torch.allclose(s[False]["votes"], o[False]["votes"], atol=1e-3)   # uncentred: the shift moves the vote
+    assert pick(dcfm.CONFIG, "toy").centre is True and pick(dcfm.CONFIG, "full").centre is False
+    with pytest.raises(ValueError, match="centre"):
+        dcfm.DPG(8, centre="both")
+
+
 def test_tied_qk_init_makes_the_vote_a_similarity_and_stays_tied():
     x = torch.rand(1, 3, 32, 32)                                             # a group of one image
     votes = {}
@@ -135,12 +162,13 @@ def test_tied_qk_init_makes_the_vote_a_similarity_and_stays_tied():
 
 def test_identity_dpg_votes_on_the_plain_features():
     torch.manual_seed(0)
-    m = dcfm.identity_dpg(dcfm.build_model(tiny(qk_init="independent"))).eval()
     x5 = torch.randn(3, 128, 4, 4)
-    o = m.dpg(x5)
-    assert torch.allclose(o["x5"], x5)                                       # residual conv off
-    xn = torch.nn.functional.normalize(x5, dim=1)
-    assert torch.allclose(o["votes"].flatten(1), dcfm.group_votes(xn, xn, m.dpg.scale), atol=1e-5)
+    for centre in (False, True):                                             # the toy profile centres on the group
+        m = dcfm.identity_dpg(dcfm.build_model(tiny(qk_init="independent", centre=centre))).eval()
+        o = m.dpg(x5)
+        assert torch.allclose(o["x5"], x5)                                   # residual conv off
+        xn = torch.nn.functional.normalize(x5 - x5.mean((0, 2, 3), keepdim=True) if centre else x5, dim=1)
+        assert torch.allclose(o["votes"].flatten(1), dcfm.group_votes(xn, xn, m.dpg.scale), atol=1e-5)
     with pytest.raises(ValueError, match="no DPG"):
         dcfm.identity_dpg(dcfm.build_model(tiny(dpg=False, dfe=False)))
 

@@ -173,23 +173,33 @@ class DPG(nn.Module):
     (after the residual 1x1 conv), `proto` [1,C,1,1], `out` = x5⊙proto + x5⊙R, `seeds` [B,1,h,w] and `R`.
     `seed_fn(votes) -> mask` replaces the argmax seed choice (used to break the mechanism on purpose).
     `vote='dot'` is the official vote on q·k/√C; `vote='cosine'` L2-normalises q and k first (a toy option: the
-    dot product favours high-norm pixels). As in the official code the seed mask is an argmax, so **Q and K get
-    no gradient** and keep their initial weights: only the residual conv learns through the seeds and R."""
-    def __init__(self, C: int, vote: str = "dot"):
+    dot product favours high-norm pixels). `centre=True` (a toy option) subtracts the group mean (over the group's
+    images and pixels) from q and k before the vote and from x5 before the L2 normalisation that the seeds and R
+    use, so what every cell of the group shares no longer counts as a match; `centre='vote'` centres q and k only.
+    As in the official code the seed mask is an argmax, so **Q and K get no gradient** and keep their initial
+    weights: only the residual conv learns through the seeds and R."""
+    def __init__(self, C: int, vote: str = "dot", centre: bool | str = False):
         super().__init__()
         if vote not in ("dot", "cosine"):
             raise ValueError(f"vote={vote!r}: use 'dot' (the official q·k vote) or 'cosine'")
+        if centre not in (False, True, "vote"):
+            raise ValueError(f"centre={centre!r}: use False (official), True (the vote and R) or 'vote' (the vote only)")
         self.conv, self.query, self.key = (nn.Conv2d(C, C, 1) for _ in range(3))
-        self.scale, self.vote = C ** -0.5, vote
+        self.scale, self.vote, self.centre = C ** -0.5, vote, centre
+    def vote_features(self, x5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "q, k [B,C,h,w] that the vote compares, from x5 after the residual conv (`centre`: centred; 'cosine': unit norm)."
+        q, k = self.query(x5), self.key(x5)
+        if self.centre:                                                     # the toy: minus the group mean
+            q, k = q - q.mean((0, 2, 3), keepdim=True), k - k.mean((0, 2, 3), keepdim=True)
+        if self.vote == "cosine":
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        return q, k
     def forward(self, x5: torch.Tensor, seed_fn=None) -> dict:
         x5 = self.conv(x5) + x5
         B, C, h, w = x5.shape
-        q, k = self.query(x5), self.key(x5)
-        if self.vote == "cosine":
-            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        votes = group_votes(q, k, self.scale)
+        votes = group_votes(*self.vote_features(x5), self.scale)
         mask = (seed_fn or argmax_seeds)(votes).view(B, 1, h, w)
-        xn = F.normalize(x5, dim=1)
+        xn = F.normalize(x5 - x5.mean((0, 2, 3), keepdim=True) if self.centre is True else x5, dim=1)
         seeds = (xn * mask).sum((2, 3))                                     # [B,C] (a sum when seeds tie)
         R = correlation_maps(xn, seeds, self.training)
         proto = (x5 * R).mean((0, 2, 3), keepdim=True)
@@ -253,11 +263,11 @@ class DCFMNet(nn.Module):
     network, the chapter's baseline. In training with `gts`, SCL's prototypes of the GT-masked foreground and
     background (the same DPG on x5⊙g and x5⊙(1-g), g = GT at x5's size) are returned too."""
     def __init__(self, encoder: Encoder, width: int = 64, dpg: bool = True, dfe: bool = True,
-                 dfe_clamp: float | None = None, vote: str = "dot"):
+                 dfe_clamp: float | None = None, vote: str = "dot", centre: bool | str = False):
         super().__init__()
         C = encoder.channels[4]
         self.encoder, self.decoder = encoder, Decoder(encoder.channels, width)
-        self.dpg, self.dfe = (DPG(C, vote) if dpg else None), (DFE(C, dfe_clamp) if dfe else None)
+        self.dpg, self.dfe = (DPG(C, vote, centre) if dpg else None), (DFE(C, dfe_clamp) if dfe else None)
     def forward(self, images: torch.Tensor, gts: torch.Tensor | None = None, seed_fn=None, frozen=None) -> dict:
         "`frozen`: cached x1..x4 of `images` (see `Encoder.forward`)."
         feats = self.encoder(images, frozen)
@@ -312,7 +322,8 @@ def build_model(cfg) -> DCFMNet:
     if cfg.init not in ("kaiming", "default"):
         raise ValueError(f"init={cfg.init!r}: use 'kaiming' (the official weights_init) or 'default' (PyTorch's)")
     torch.manual_seed(cfg.seed)
-    model = DCFMNet(enc(cfg.pretrained), cfg.width, cfg.dpg, cfg.dfe, cfg.dfe_clamp, cfg.get("vote", "dot"))
+    model = DCFMNet(enc(cfg.pretrained), cfg.width, cfg.dpg, cfg.dfe, cfg.dfe_clamp, cfg.get("vote", "dot"),
+                     cfg.get("centre", False))
     qk = cfg.get("qk_init", "independent")
     if qk not in ("independent", "tied"):
         raise ValueError(f"qk_init={qk!r}: use 'independent' (the official init: two Kaiming draws) or 'tied' "
@@ -677,12 +688,12 @@ CONFIG = dict(
                 init="kaiming", seed=0, device=None, ckpt_every=100),
     toy=dict(data="toy", root=None, backbone="toy_cnn", pretrained=True, cache=True, size=64, width=16, group_size=5,
              max_num=5, n_train=60, n_val=0, n_test=16, difficulty=0.3, palette="class", lookalike=0.3,
-             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", qk_init="tied", iters=900, lr=1e-3,
+             train_distractor=0.5, dfe_clamp=8.0, w_bce=1.0, vote="cosine", centre=True, qk_init="tied", iters=900, lr=1e-3,
              backbone_lr_mult=1.0, amp=False, val_every=0, log_every=10,
              train_set=None, test_sets=(), max_images=None),
     full=dict(data="cosod", root=None, backbone="vgg16", pretrained=True, cache=False, size=224, width=64,
               group_size=None, max_num=16, n_train=None, n_val=8, n_test=None, difficulty=None, palette=None,
-              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", qk_init="independent", iters=8000, lr=1e-4,
+              lookalike=None, train_distractor=None, dfe_clamp=None, w_bce=0.0, vote="dot", centre=False, qk_init="independent", iters=8000, lr=1e-4,
               backbone_lr_mult=0.1, amp=True, val_every=500,
               log_every=50, train_set="coco_seg", test_sets=("coca", "cosal2015"), max_images=60),
 )
