@@ -105,7 +105,7 @@ def test_consistency_check_fires_only_when_centred():
 
 
 def test_box_centred_check_compares_with_the_box_mean():
-    """check_center='box' (the default) asks whether a seed is less like the prototype than the average pixel of its
+    """check_center='box' asks whether a seed is less like the prototype than the average pixel of its
     box: a seed between the object and the box's background is removed, while the image-centred test keeps it, because
     the image mean sits farther out, in the background outside the box. Seeds of other classes stay."""
     lab = torch.full((1, 4, 8), 2); lab[0, 0, 0] = 5
@@ -118,8 +118,38 @@ def test_box_centred_check_compares_with_the_box_mean():
     rm = a2gnn.consistency_check(lab, h, mu, fb, center="box")
     assert rm[0, 2:, :4].all() and rm.sum() == 8
     assert a2gnn.consistency_check(lab, h, mu, fb, sign=-1.0, center="box")[0, :2, 1:4].all()   # flipped: the rest
-    with pytest.raises(ValueError, match="use 'none', 'image' or 'box'"):
+    with pytest.raises(ValueError, match="use 'none', 'image', 'box' or 'background'"):
         a2gnn.consistency_check(lab, h, mu, fb, center="mean")
+
+
+def test_background_centred_check_is_a_nearest_prototype_test():
+    """check_center='background' (the toy default) removes a box seed exactly when its feature is nearer the image's
+    background prototype (the mean over its background seeds, label 0) than the box prototype mu_b. Box rows 2-3 sit
+    between the two, slightly nearer the background: removed; rows 0-1 are the prototype: kept; the seed of another
+    class stays."""
+    lab = torch.full((1, 4, 8), 2); lab[:, :, 4:] = 0; lab[0, 3, 0] = 5
+    fb = a2gnn.flat_boxes([torch.tensor([[0., 0., 4., 4.]])], [torch.tensor([2])], 4, 8)
+    h = torch.zeros(1, 2, 4, 8); h[:, 1, :, 4:] = 1.0                       # background seeds: (0, 1)
+    h[:, 0, :2, :4] = 1.0                                                    # box rows 0-1: the prototype (1, 0)
+    h[:, 0, 2:, :4], h[:, 1, 2:, :4] = 0.45, 0.55                            # box rows 2-3: nearer (0, 1)
+    mu = torch.tensor([[1.0, 0.0]])
+    rm = a2gnn.consistency_check(lab, h, mu, fb, center="background")
+    assert rm[0, 2, :4].all() and rm[0, 3, 1:4].all() and rm.sum() == 7 and not rm[0, 3, 0]
+    h[:, 0, 2:, :4], h[:, 1, 2:, :4] = 0.55, 0.45                            # now nearer the prototype: nothing removed
+    assert a2gnn.consistency_check(lab, h, mu, fb, center="background").sum() == 0
+
+
+def test_graph_labels_nearest_takes_the_top_left_pixel_majority_the_cell():
+    """'nearest' (the code's cv2 INTER_NEAREST) reads each cell's top-left pixel; 'majority' gives the label held by at
+    least half of the cell's pixels (255 counted), else 255."""
+    s = torch.full((1, 4, 4), 255)
+    s[0, 0, 0] = 3                                                            # one pixel of the top-left 2 x 2 cell
+    s[0, 2:, 2:] = 1; s[0, 3, 3] = 0                                          # bottom-right cell: 3 of 4 pixels are 1
+    s[0, 0, 2:] = 2                                                           # top-right cell: 2 of 4 pixels are 2
+    assert a2gnn.graph_labels(s, (2, 2)).tolist() == [[[3, 2], [255, 1]]]
+    assert a2gnn.graph_labels(s, (2, 2), "majority").tolist() == [[[255, 2], [255, 1]]]
+    with pytest.raises(ValueError, match="use 'nearest' or 'majority'"):
+        a2gnn.graph_labels(s, (2, 2), "mode")
 
 def test_checking_waits_for_check_from():
     """Consistency checking starts at step `check_from`: on a random, untrained embedding (step 0) the centred check

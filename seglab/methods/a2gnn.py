@@ -192,9 +192,21 @@ def graph_adjacency(x: torch.Tensor, radius: int) -> torch.Tensor:
     return A.masked_fill(eye, 1.0)
 
 
-def graph_labels(seeds: torch.Tensor, hw) -> torch.Tensor:
-    "Seeds [B,H,W] resized to the graph grid hw by nearest neighbour (the affinity labels' resolution)."
-    return F.interpolate(seeds[:, None].float(), size=tuple(hw), mode="nearest")[:, 0].long()
+def graph_labels(seeds: torch.Tensor, hw, rule: str = "nearest") -> torch.Tensor:
+    """Seeds [B,H,W] on the graph grid hw (the affinity labels' resolution). 'nearest': nearest-neighbour resizing, as
+    the code's `cv2.resize(..., INTER_NEAREST)` (`tool/imutils.py: LabelResize`), which takes each cell's top-left
+    pixel; 'majority': the label held by at least half of the cell's pixels (255 counted among them), else 255."""
+    if rule == "nearest":
+        return F.interpolate(seeds[:, None].float(), size=tuple(hw), mode="nearest")[:, 0].long()
+    if rule != "majority":
+        raise ValueError(f"rule={rule!r}; use 'nearest' or 'majority'")
+    best = torch.zeros(seeds.shape[0], *hw, device=seeds.device)
+    lab = torch.full(best.shape, 255, dtype=torch.long, device=seeds.device)
+    for k in seeds.unique().tolist():
+        if k != 255:
+            share = F.adaptive_avg_pool2d((seeds == k)[:, None].float(), tuple(hw))[:, 0]
+            lab, best = torch.where(share > best, k, lab), torch.maximum(share, best)
+    return lab.masked_fill(best < 0.5, 255)
 
 
 def affinity_loss(a: torch.Tensor, y: torch.Tensor, radius: int, eps: float = 1e-5) -> dict:
@@ -355,9 +367,11 @@ def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor
     `fts`): 'none', the code's test, inert on a non-negative h; 'image' subtracts the image's mean node embedding m
     from h and mu_b, cos(h_i - m, mu_b - m) < 0, "less like the prototype than the average node" (seglab's
     default); 'box' subtracts the mean m_b of h over box b's pixels, "less like the prototype than the average pixel of its
-    box". Returns the removed [B,H,W]."""
-    if center not in ("none", "image", "box"):
-        raise ValueError(f"center={center!r}; use 'none', 'image' or 'box'")
+    box"; 'background' subtracts the midpoint m between mu_b and the image's background prototype mu_bg (the mean of h
+    over its background seeds, labels == 0): (h_i - m).(mu_b - m) < 0 exactly when h_i is nearer mu_bg than mu_b, a
+    nearest-prototype test. Returns the removed [B,H,W]."""
+    if center not in ("none", "image", "box", "background"):
+        raise ValueError(f"center={center!r}; use 'none', 'image', 'box' or 'background'")
     H, W = labels.shape[-2:]
     hm = hmap[fb["img"]]
     if center == "box":
@@ -368,6 +382,12 @@ def consistency_check(labels: torch.Tensor, hmap: torch.Tensor, mu: torch.Tensor
     else:
         if center == "image":
             m = hm.mean((2, 3))
+            hm, mu = hm - m[:, :, None, None], mu - m
+        elif center == "background":
+            bg = (labels == 0).float()
+            mu_bg = torch.stack([(F.interpolate(hmap[i:i + 1], size=(H, W), mode="bilinear", align_corners=False)[0]
+                                  * bg[i]).sum((1, 2)) / bg[i].sum().clamp_min(1) for i in range(len(hmap))])
+            m = (mu + mu_bg[fb["img"]]) / 2
             hm, mu = hm - m[:, :, None, None], mu - m
         dot = torch.einsum("bchw,bc->bhw", hm, mu)   # linear in h: on the graph, then upsampled, as if h were
         dot = F.interpolate(dot[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
@@ -431,10 +451,10 @@ CONFIG = dict(
                 ckpt_every=50, log_every=10),
     toy=dict(data="toy", data_root=None, n_train=16, size=64, difficulty=0.75, classes=9, backbone="toy_cnn_shape",
              pretrained=True, feat_scale=2.0, head_dims=(8, 16, 32), aff_steps=40, aff_batch=8, aff_lr=1e-2,
-             aff_optim="adam", hidden=32, steps1=50, steps2=50, check_from=50, gnn_batch=16),
+             aff_optim="adam", aff_labels="nearest", hidden=32, steps1=50, steps2=50, check_from=50, gnn_batch=16),
     full=dict(data="voc", data_root=None, n_train=300, size=320, difficulty=None, classes=21, backbone="resnet50",
               pretrained=True, feat_scale=1.0, head_dims=(64, 128, 256), aff_steps=366, aff_batch=4, aff_lr=1e-2,
-              aff_optim="sgd", hidden=256, steps1=100, steps2=100, check_from=100, gnn_batch=8),
+              aff_optim="sgd", aff_labels="nearest", hidden=256, steps1=100, steps2=100, check_from=100, gnn_batch=8),
 )
 
 
@@ -490,7 +510,7 @@ def make_data(cfg) -> dict:
 def graph_inputs(cfg, data: dict, backbone: nn.Module | None = None, batch: int = 16) -> dict:
     """What the affinity net and the graphs need, computed once: frozen node features `feats` [N,C,h,w] (through the
     course's feature cache, `seglab.cache.feature_cache`, keyed by the backbone's weights, the scale and the images), seeds on the
-    graph `y` [N,h,w], the Gaussian kernels `K_aff` (radius r, for L_gcrf of the affinity net) and `K_crf` (radius
+    graph `y` [N,h,w] (`graph_labels` with `cfg.aff_labels`), the Gaussian kernels `K_aff` (radius r, for L_gcrf of the affinity net) and `K_crf` (radius
     `crf_radius`, for the A2GNN's Potts loss) on the normalised image."""
     backbone = backbone or load_backbone(cfg)
     dev = next(backbone.parameters()).device
@@ -501,7 +521,7 @@ def graph_inputs(cfg, data: dict, backbone: nn.Module | None = None, batch: int 
     feats = feature_cache("a2gnn-nodes", compute, key=key, device="cpu")["feats"]
     hw = feats.shape[-2:]
     imgn = normalize(backbone, data["image"].to(dev)).cpu()
-    return dict(feats=feats, y=graph_labels(data["seeds"], hw),
+    return dict(feats=feats, y=graph_labels(data["seeds"], hw, cfg.aff_labels),
                 K_aff=gaussian_kernel(imgn, hw, cfg.radius, cfg.sigma_xy, cfg.sigma_rgb),
                 K_crf=gaussian_kernel(imgn, hw, cfg.crf_radius, cfg.sigma_xy, cfg.sigma_rgb))
 
