@@ -342,7 +342,7 @@ CONFIG = dict(
     toy=dict(data="toy", n_test=16, frames=12, size=64, difficulty=0.5, crossing=0.4, morph=0.05,
              jitter=0.15, miss=0.1, lookalike=0.1, layer="layer2", feat_dim=32, hidden=(64, 32),
              detector="toy_detections", max_dets=None, det_min_size=None, features="toy_cnn_shape", pretrained=True,
-             episodes=1200, lr_actor=3e-3, lr_critic=1e-3, state_features="quality", returns_from="t+1",
+             episodes=1200, lr_actor=3e-3, lr_critic=3e-3, state_features="quality", returns_from="t+1",
              n_train=64, adv_norm=False, reward_scale=0.01, critic_time=True),   # chosen on validation videos
     full=dict(data="davis2017", n_train=10, n_test=10, frames=None, size=None, difficulty=None, crossing=None, morph=None,
               jitter=None, miss=None, lookalike=None, layer="layer4", feat_dim=512, hidden=(2048, 512),
