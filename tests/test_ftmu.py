@@ -90,6 +90,31 @@ def test_a2c_loss_variants_returns_from_next_step_and_normalised_advantage():
         ftmu.a2c_loss(ac, traj, g, returns_from="t-1")
 
 
+def test_critic_sees_the_time_left_the_actor_does_not_and_rewards_scale_the_returns(data):
+    torch.manual_seed(0)
+    ac = ftmu.ActorCritic(3, critic_time=True)
+    s = torch.rand(4, 3)
+    (l0, v0), (l1, v1) = ac(s, torch.zeros(4)), ac(s, torch.ones(4))
+    assert torch.equal(l0, l1) and not torch.allclose(v0, v1)        # the time left moves the value, not the policy
+    assert torch.equal(ac(s)[1], v0)                                  # no `remaining`: read as 0
+    S, rem = [torch.rand(3) for _ in range(3)], [1.0, 0.5, 0.0]
+    traj = {1: dict(states=S, actions=[ftmu.KEEP, ftmu.UPDATE, ftmu.KEEP], rewards=[10.0, 20.0, 40.0], remaining=rem)}
+    with torch.no_grad():
+        logits, V = ac(torch.stack(S), torch.tensor(rem))
+    g = 0.9
+    R = torch.tensor([0.2 + g * 0.4, 0.4, 0.0])                       # returns from r_{t+1} of the rewards x 0.01
+    out = ftmu.a2c_loss(ac, traj, g, returns_from="t+1", reward_scale=0.01)
+    assert torch.allclose(out["critic"], ((R - V) ** 2).mean())
+    logp = torch.log_softmax(logits, -1)[torch.arange(3), torch.tensor([ftmu.KEEP, ftmu.UPDATE, ftmu.KEEP])]
+    assert torch.allclose(out["actor"], -(logp * (R - V)).mean())
+    v, fr = data["test"]["videos"][0], data["test"]["frames"][0]      # run_video records the time left per step
+    seen, out = spy_states(v, fr, tiny())
+    T = len(v["masks"])
+    for k, tr in out["traj"].items():
+        ts = [c["t"] for _, ctx in seen for c in ctx if c["k"] == k]
+        assert tr["remaining"] == [(T - 1 - t) / (T - 1) for t in ts]
+
+
 def test_validation_split_is_disjoint_and_train_miss_changes_only_training_detections():
     cfg = tiny(n_val=2)
     d = ftmu.make_data(cfg, ("train", "val", "test"))
