@@ -123,10 +123,10 @@ def test_box_centred_check_compares_with_the_box_mean():
 
 
 def test_background_centred_check_is_a_nearest_prototype_test():
-    """check_center='background' (the toy default) removes a box seed exactly when its feature is nearer the image's
-    background prototype (the mean over its background seeds, label 0) than the box prototype mu_b. Box rows 2-3 sit
-    between the two, slightly nearer the background: removed; rows 0-1 are the prototype: kept; the seed of another
-    class stays."""
+    """check_center='background' (an option; the CONFIG keeps 'image') removes a box seed exactly when its feature
+    is nearer the image's background prototype (the mean over its background seeds, label 0) than the box prototype
+    mu_b. Box rows 2-3 sit between the two, slightly nearer the background: removed; rows 0-1 are the prototype:
+    kept; the seed of another class stays."""
     lab = torch.full((1, 4, 8), 2); lab[:, :, 4:] = 0; lab[0, 3, 0] = 5
     fb = a2gnn.flat_boxes([torch.tensor([[0., 0., 4., 4.]])], [torch.tensor([2])], 4, 8)
     h = torch.zeros(1, 2, 4, 8); h[:, 1, :, 4:] = 1.0                       # background seeds: (0, 1)
